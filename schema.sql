@@ -1,0 +1,62 @@
+-- weex_sync schema (python weex_sync.py --print-schema); weex_sync creates it when missing.
+
+-- One row per fill, exactly as the exchange reported it (raw) plus typed columns.
+CREATE TABLE IF NOT EXISTS trade_fills (
+    user_id    text        NOT NULL,
+    order_id   text        NOT NULL,
+    trade_id   text        NOT NULL,
+    symbol     text        NOT NULL,
+    side       text        NOT NULL CHECK (side IN ('1', '2')),  -- '1' buy, '2' sell
+    price      numeric     NOT NULL,
+    size       numeric     NOT NULL,
+    fee        numeric     NOT NULL,                             -- sign as sent (negative = rebate)
+    fee_coin   text        NOT NULL,
+    trade_time bigint      NOT NULL,                             -- createdTime, ms since epoch
+    raw        jsonb       NOT NULL,
+    synced_at  timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT trade_fills_fill_key UNIQUE (user_id, order_id, trade_id, trade_time)
+);
+CREATE INDEX IF NOT EXISTS trade_fills_user_symbol_time
+    ON trade_fills (user_id, symbol, trade_time DESC);
+
+-- Append-only: one row per (user, symbol) per pass.
+CREATE TABLE IF NOT EXISTS sync_status (
+    id              bigserial   PRIMARY KEY,
+    pass_id         text        NOT NULL,
+    user_id         text        NOT NULL,
+    symbol          text        NOT NULL,
+    last_sync_time  timestamptz NOT NULL DEFAULT now(),
+    last_trade_time bigint,                  -- newest fill stored for (user, symbol), ms
+    records_count   integer     NOT NULL,    -- rows inserted this pass
+    fetched_count   integer     NOT NULL,    -- fills received this pass
+    requests_count  integer     NOT NULL,    -- HTTP requests made, retries included
+    duration_ms     integer     NOT NULL,
+    status          text        NOT NULL CHECK (status IN ('success', 'error')),
+    error_message   text
+);
+CREATE INDEX IF NOT EXISTS sync_status_last_sync_time ON sync_status (last_sync_time DESC);
+CREATE INDEX IF NOT EXISTS sync_status_user_symbol
+    ON sync_status (user_id, symbol, last_sync_time DESC);
+
+-- The incremental cursor, written in the same transaction as the fills it covers.
+-- Every fill with createdTime < synced_through is stored, except while walk_end is set:
+-- then an interrupted walk still owes [synced_through, walk_end] and, when it completes,
+-- moves synced_through to walk_target. The next walk starts at synced_through inclusive.
+CREATE TABLE IF NOT EXISTS sync_cursor (
+    user_id        text        NOT NULL,
+    symbol         text        NOT NULL,
+    synced_through bigint      NOT NULL,
+    walk_end       bigint,
+    walk_target    bigint,
+    updated_at     timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (user_id, symbol)
+);
+
+-- For analysts: times as timestamptz (UTC) and sides as words.
+CREATE OR REPLACE VIEW trade_fills_readable AS
+SELECT user_id, symbol, order_id, trade_id,
+       CASE side WHEN '1' THEN 'buy' WHEN '2' THEN 'sell' END AS side,
+       price, size, fee, fee_coin,
+       to_timestamp(trade_time / 1000.0) AS trade_time,
+       synced_at
+  FROM trade_fills;

@@ -1,0 +1,538 @@
+"""weex_sync against a real PostgreSQL database and the WEEX simulator over real HTTP."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import yaml
+
+import weex_sync
+from conftest import (
+    DAY_MS,
+    PG,
+    START_MS,
+    Database,
+    Harness,
+    expected_fills,
+    make_account,
+    stored_fills,
+)
+
+HERE = Path(__file__).resolve().parent
+BTC, ETH = "cmt_btcusdt", "cmt_ethusdt"
+
+
+# --- signing -------------------------------------------------------------------------------
+
+
+def test_signature_matches_a_vector_computed_by_hand():
+    # printf '%s' '1700000000000GET/capi/v2/order/fills?symbol=cmt_btcusdt&startTime=0&limit=100'
+    #   | openssl dgst -sha256 -hmac 'kat-secret' -binary | base64
+    signature = weex_sync.sign(
+        "kat-secret",
+        "1700000000000",
+        "GET",
+        "/capi/v2/order/fills",
+        "symbol=cmt_btcusdt&startTime=0&limit=100",
+        "",
+    )
+    assert signature == "eJMMHzzyY2VgPjiRM/is1ZlkQioXEMIonjo6W1F4e00="
+
+
+# --- the pass --------------------------------------------------------------------------------
+
+
+def test_first_pass_stores_exactly_the_simulators_fills(harness: Harness, db: Database, sim):
+    account = make_account(sim, 1, [BTC, ETH])
+    sim.generate_fills(account.api_key, BTC, 1234, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+    sim.generate_fills(account.api_key, ETH, 321, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+    harness.accounts = [account]
+    harness.sync["symbols"] = [BTC, ETH]
+
+    assert harness.run("--once") == 0
+
+    served = sim.fills(account.api_key, BTC) + sim.fills(account.api_key, ETH)
+    assert stored_fills(db) == expected_fills("user1", served)
+    assert db.scalar("SELECT count(*) FROM trade_fills") == 1234 + 321
+    # price is fillValue / fillSize, exactly
+    assert (
+        db.scalar(
+            "SELECT count(*) FROM trade_fills WHERE price * size <> (raw->>'fillValue')::numeric"
+        )
+        == 0
+    )
+    status = {(r["user_id"], r["symbol"]): r for r in db.status()}
+    assert status[("user1", BTC)]["status"] == "success"
+    assert status[("user1", BTC)]["records_count"] == 1234
+    assert status[("user1", ETH)]["records_count"] == 321
+    newest = max(int(f["createdTime"]) for f in sim.fills(account.api_key, BTC))
+    assert status[("user1", BTC)]["last_trade_time"] == newest
+    assert "user1/cmt_btcusdt: ok fetched=1234 inserted=1234" in harness.log
+
+
+def test_second_pass_adds_nothing_with_one_request_per_symbol(harness: Harness, db: Database, sim):
+    account = make_account(sim, 1, [BTC, ETH])
+    for symbol in (BTC, ETH):
+        sim.generate_fills(
+            account.api_key, symbol, 450, start_ms=START_MS, end_ms=START_MS + DAY_MS
+        )
+    harness.accounts = [account]
+    harness.sync["symbols"] = [BTC, ETH]
+    assert harness.run() == 0
+    before = stored_fills(db)
+    sim.reset_stats()
+
+    assert harness.run() == 0
+
+    assert stored_fills(db) == before
+    second = db.status()[-2:]
+    assert [r["records_count"] for r in second] == [0, 0]
+    assert [r["requests_count"] for r in second] == [1, 1]
+    assert sim.count(path="/capi/v2/order/fills") == 2
+
+
+def test_new_fills_including_one_in_the_last_synced_millisecond_are_picked_up(
+    harness: Harness, db: Database, sim
+):
+    account = make_account(sim, 1)
+    sim.generate_fills(account.api_key, BTC, 300, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+    harness.accounts = [account]
+    assert harness.run() == 0
+    last_ms = db.scalar("SELECT max(trade_time) FROM trade_fills")
+
+    late = sim.add_fill(account.api_key, BTC, created_time=last_ms, size="0.5", value="50000")
+    newer = [
+        sim.add_fill(account.api_key, BTC, created_time=last_ms + 1000 + i) for i in range(150)
+    ]
+    assert harness.run() == 0
+
+    assert stored_fills(db) == expected_fills("user1", sim.fills(account.api_key, BTC))
+    assert db.status()[-1]["records_count"] == 1 + len(newer)
+    assert str(late["tradeId"]) in {r[0] for r in db.rows("SELECT trade_id FROM trade_fills")}
+
+
+def test_sixty_fills_in_one_millisecond_split_by_a_page_boundary(
+    harness: Harness, db: Database, sim
+):
+    account = make_account(sim, 1)
+    ms = START_MS + 5000
+    for i in range(30):
+        sim.add_fill(account.api_key, BTC, created_time=ms - 1000 - i)
+    sim.add_burst(account.api_key, BTC, ms, 60, orders=4)
+    for i in range(50):  # the first page: these 50 and 50 of the 60
+        sim.add_fill(account.api_key, BTC, created_time=ms + 1 + i)
+    harness.accounts = [account]
+
+    assert harness.run() == 0
+
+    assert stored_fills(db) == expected_fills("user1", sim.fills(account.api_key, BTC))
+    assert db.scalar("SELECT count(*) FROM trade_fills WHERE trade_time = %s", (ms,)) == 60
+
+
+def test_burst_larger_than_a_page_in_one_millisecond_is_fetched_order_by_order(
+    harness: Harness, db: Database, sim
+):
+    account = make_account(sim, 1)
+    ms = START_MS + 7000
+    sim.generate_fills(account.api_key, BTC, 200, start_ms=START_MS, end_ms=ms - 1)
+    sim.add_burst(account.api_key, BTC, ms, 250, orders=3)
+    sim.generate_fills(account.api_key, BTC, 120, start_ms=ms + 1, end_ms=ms + DAY_MS, seed=5)
+    harness.accounts = [account]
+
+    assert harness.run() == 0
+
+    assert stored_fills(db) == expected_fills("user1", sim.fills(account.api_key, BTC))
+    assert db.scalar("SELECT count(*) FROM trade_fills WHERE trade_time = %s", (ms,)) == 250
+    assert db.status()[-1]["requests_count"] < 20
+
+
+def test_unreachable_fills_in_one_millisecond_are_an_error_never_a_skip(
+    harness: Harness, db: Database, sim
+):
+    account = make_account(sim, 1)
+    ms = START_MS + 9000
+    older = [sim.add_fill(account.api_key, BTC, created_time=ms - 10 - i) for i in range(5)]
+    sim.add_burst(account.api_key, BTC, ms, 150, orders=1)  # one order, 150 fills, one ms
+    newer = [sim.add_fill(account.api_key, BTC, created_time=ms + 10 + i) for i in range(5)]
+    harness.accounts = [account]
+
+    assert harness.run() == 1
+    first = db.status()[-1]
+    assert first["status"] == "error"
+    assert "more than 100 fills in millisecond" in first["error_message"]
+    stored = {r[0] for r in db.rows("SELECT trade_id FROM trade_fills")}
+    assert {str(f["tradeId"]) for f in newer} <= stored
+    assert not {str(f["tradeId"]) for f in older} & stored  # the walk never moved past the burst
+
+    assert harness.run() == 1  # still reported on the next pass, not forgotten
+    assert db.status()[-1]["status"] == "error"
+
+
+def test_one_users_bad_credentials_do_not_stop_the_others(harness: Harness, db: Database, sim):
+    accounts = [make_account(sim, n, [BTC, ETH]) for n in (1, 2, 3)]
+    for account in accounts:
+        for symbol in (BTC, ETH):
+            sim.generate_fills(
+                account.api_key, symbol, 120, start_ms=START_MS, end_ms=START_MS + DAY_MS
+            )
+    accounts[1].secret_key = "wrong-" + accounts[1].secret_key
+    harness.accounts = accounts
+    harness.sync["symbols"] = [BTC, ETH]
+
+    assert harness.run() == 1
+
+    for good in (accounts[0], accounts[2]):
+        served = sim.fills(good.api_key, BTC) + sim.fills(good.api_key, ETH)
+        assert stored_fills(db, good.user_id) == expected_fills(good.user_id, served)
+    assert stored_fills(db, "user2") == set()
+    rows = {(r["user_id"], r["symbol"]): r for r in db.status()}
+    assert len(rows) == 6
+    for symbol in (BTC, ETH):
+        assert rows[("user2", symbol)]["status"] == "error"
+        assert "credentials rejected" in rows[("user2", symbol)]["error_message"]
+        assert rows[("user1", symbol)]["status"] == "success"
+    # not retried, and the second symbol was not even tried
+    assert sim.count(api_key=accounts[1].api_key) == 1
+    assert "user2/cmt_btcusdt: error" in harness.log
+
+
+def test_429_and_5xx_are_retried_until_every_fill_is_stored(harness: Harness, db: Database, sim):
+    account = make_account(sim, 1)
+    sim.generate_fills(account.api_key, BTC, 1500, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+    sim.faults = {"429": 0.1, "500": 0.05, "502": 0.05, "503": 0.05}
+    sim.retry_after = 0
+    harness.accounts = [account]
+    harness.weex["max_retries"] = 8
+
+    assert harness.run() == 0
+
+    assert stored_fills(db) == expected_fills("user1", sim.fills(account.api_key, BTC))
+    assert sim.count(status=429) + sim.count(status=500) + sim.count(status=502) > 0
+    assert db.status()[-1]["requests_count"] == sim.count(path="/capi/v2/order/fills")
+
+
+def test_unknown_symbol_fails_only_that_symbol(harness: Harness, db: Database, sim):
+    account = make_account(sim, 1, [BTC, "cmt_nosuchusdt"])
+    sim.generate_fills(account.api_key, BTC, 50, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+    harness.accounts = [account]
+
+    assert harness.run() == 1
+
+    rows = {r["symbol"]: r for r in db.status()}
+    assert rows[BTC]["status"] == "success"
+    assert rows["cmt_nosuchusdt"]["status"] == "error"
+    assert "40034" in rows["cmt_nosuchusdt"]["error_message"]
+    assert sim.count(api_key=account.api_key) == 2
+
+
+def test_ip_not_whitelisted_says_so(harness: Harness, db: Database, sim):
+    account = make_account(sim, 1)
+    sim.add_account("blocked-key", "blocked-secret", "blocked-pass", whitelisted=False)
+    account.api_key, account.secret_key, account.passphrase = (
+        "blocked-key",
+        "blocked-secret",
+        "blocked-pass",
+    )
+    harness.accounts = [account]
+
+    assert harness.run() == 1
+    assert "whitelist this IP" in db.status()[-1]["error_message"]
+
+
+def test_clock_skew_is_measured_and_corrected(harness: Harness, db: Database, sim):
+    account = make_account(sim, 1)
+    sim.generate_fills(account.api_key, BTC, 10, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+    sim.clock_offset_ms = 120_000
+    harness.accounts = [account]
+
+    assert harness.run() == 0
+    assert db.scalar("SELECT count(*) FROM trade_fills") == 10
+    assert "clock skew against the exchange" in harness.log
+
+
+def test_money_is_exact_decimal_end_to_end(harness: Harness, db: Database, sim):
+    account = make_account(sim, 1)
+    base = {"symbol": BTC, "orderSide": "SELL", "marginMode": "SHARED"}
+    sim.add_raw_fill(
+        account.api_key,
+        BTC,
+        {
+            **base,
+            "tradeId": 1,
+            "orderId": 9,
+            "createdTime": START_MS + 1,
+            "fillSize": "0.1",
+            "fillValue": "0.3",
+            "fillFee": "0.1",
+        },
+        created_time=START_MS + 1,
+    )
+    sim.add_raw_fill(
+        account.api_key,
+        BTC,
+        {
+            **base,
+            "tradeId": 2,
+            "orderId": 9,
+            "createdTime": START_MS + 2,
+            "fillSize": Decimal("0.2"),
+            "fillValue": Decimal("0.6"),
+            "fillFee": Decimal("0.2"),
+        },
+        created_time=START_MS + 2,
+    )
+    big = 12345678901234567890123
+    sim.add_raw_fill(
+        account.api_key,
+        BTC,
+        {
+            **base,
+            "tradeId": big,
+            "orderId": big,
+            "createdTime": START_MS + 3,
+            "fillSize": "3",
+            "fillValue": "1",
+            "fillFee": "-0.000000000000000001",
+        },
+        created_time=START_MS + 3,
+    )
+    harness.accounts = [account]
+
+    assert harness.run() == 0
+
+    assert db.scalar(
+        "SELECT sum(fee::numeric) FROM trade_fills WHERE trade_id IN ('1', '2')"
+    ) == Decimal("0.3")
+    assert db.scalar(
+        "SELECT sum(size::numeric) FROM trade_fills WHERE trade_id IN ('1', '2')"
+    ) == Decimal("0.3")
+    assert db.scalar("SELECT price FROM trade_fills WHERE trade_id = '2'") == Decimal("3")
+    row = db.rows(
+        "SELECT order_id, fee, raw->>'fillValue', raw->'fillSize' FROM trade_fills WHERE trade_id = %s",
+        (str(big),),
+    )
+    assert row == [(str(big), Decimal("-0.000000000000000001"), "1", "3")]
+    assert db.scalar("SELECT raw->'fillSize' FROM trade_fills WHERE trade_id = '2'") in (
+        Decimal("0.2"),
+        0.2,
+    )
+    assert db.scalar(
+        "SELECT (raw->>'fillSize')::numeric FROM trade_fills WHERE trade_id = '2'"
+    ) == Decimal("0.2")
+    # 1/3 does not terminate: stored to 60 significant digits
+    assert str(
+        db.scalar("SELECT price FROM trade_fills WHERE trade_id = %s", (str(big),))
+    ).startswith("0.3333333333")
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+def config_error_cases(harness: Harness) -> list[tuple[str, object, str]]:
+    good = harness.config()
+
+    def variant(path: str, value: object) -> dict:
+        data = yaml.safe_load(yaml.safe_dump(good))
+        node = data
+        keys = path.split(".")
+        for key in keys[:-1]:
+            node = node[int(key)] if key.isdigit() else node[key]
+        node[keys[-1]] = value
+        return data
+
+    return [
+        ("unknown key", variant("database.hots", "x"), "database.hots: unknown key"),
+        ("wrong type", variant("database.port", "five"), "database.port: expected a number"),
+        ("page size", variant("sync.page_size", 500), "sync.page_size: 500 is out of range 1..100"),
+        (
+            "bad symbol",
+            variant("sync.symbols", ["BTCUSDT"]),
+            "sync.symbols[0]: 'BTCUSDT' is not a WEEX",
+        ),
+        (
+            "missing credential",
+            variant("sync.users.0.secret_key", None),
+            "sync.users[0].secret_key: missing",
+        ),
+        (
+            "duplicate user",
+            variant("sync.users", good["sync"]["users"] * 2),
+            "sync.users[1].user_id: duplicate user_id 'user1'",
+        ),
+        (
+            "bad start",
+            variant("sync.start_time", "yesterday"),
+            "sync.start_time: 'yesterday' is not",
+        ),
+        ("top level", ["a", "list"], "the top level must be a mapping"),
+    ]
+
+
+def test_config_errors_exit_2_with_one_line_and_touch_nothing(
+    harness: Harness, sim, scratch_db_names
+):
+    harness.accounts = [make_account(sim, 1)]
+    fresh_db = f"{harness.db_name}_untouched"
+    scratch_db_names.append(fresh_db)
+    harness.database["dbname"] = fresh_db
+    for name, data, message in config_error_cases(harness):
+        assert harness.run(config=data) == 2, name
+        lines = [line for line in harness.last_log.splitlines() if line.strip()]
+        assert len(lines) == 1, (name, lines)
+        assert message in lines[0], (name, lines[0])
+    assert sim.count() == 0
+    conn = __import__("conftest").admin_connection()
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (fresh_db,))
+        assert cur.fetchone() is None
+    conn.close()
+
+
+def test_unreadable_yaml_is_a_config_error(tmp_path: Path, capsys):
+    path = tmp_path / "config.yaml"
+    path.write_text("database: {host: [unclosed\n")
+    assert weex_sync.main(["-c", str(path)], environ={}) == 2
+    assert "invalid YAML at line" in capsys.readouterr().err
+
+
+def test_missing_config_file_named_explicitly_is_a_config_error(tmp_path: Path, capsys):
+    assert weex_sync.main(["-c", str(tmp_path / "nope.yaml")], environ={}) == 2
+    assert "nope.yaml: cannot read config file" in capsys.readouterr().err
+
+
+def test_environment_overrides_the_database_section(
+    harness: Harness, db: Database, sim, scratch_db_names
+):
+    account = make_account(sim, 1)
+    sim.generate_fills(account.api_key, BTC, 25, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+    harness.accounts = [account]
+    harness.database = {"host": "db.invalid", "port": 1, "dbname": "wrong"}
+    target = f"{harness.db_name}_env"
+    scratch_db_names.append(target)
+    env = {
+        "DB_HOST": PG["host"],
+        "POSTGRES_PORT": str(PG["port"]),
+        "POSTGRES_DB": "ignored_because_DB_NAME_wins",
+        "DB_NAME": target,
+    }
+
+    assert harness.run(env=env) == 0
+
+    other = Database(target)
+    assert other.scalar("SELECT count(*) FROM trade_fills") == 25
+    other.close()
+    assert f"created database {target}" in harness.log
+
+
+def test_env_var_references_are_expanded_and_missing_ones_named(
+    harness: Harness, db: Database, sim
+):
+    account = make_account(sim, 1)
+    sim.generate_fills(account.api_key, BTC, 5, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+    harness.accounts = [account]
+    config = harness.config()
+    config["sync"]["users"][0]["secret_key"] = "${U1_SECRET}"
+    config["sync"]["users"][0]["passphrase"] = "${U1_PASS}"
+
+    assert harness.run(config=config, env={"U1_PASS": account.passphrase}) == 2
+    assert "sync.users[0].secret_key: environment variable U1_SECRET is not set" in harness.last_log
+
+    env = {"U1_SECRET": account.secret_key, "U1_PASS": account.passphrase}
+    assert harness.run(config=config, env=env) == 0
+    assert db.scalar("SELECT count(*) FROM trade_fills") == 5
+
+
+def test_single_default_user_from_weex_environment(harness: Harness, db: Database, sim):
+    account = make_account(sim, 1)
+    sim.generate_fills(account.api_key, BTC, 7, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+    config = harness.config()
+    del config["sync"]["users"]
+    env = {
+        "WEEX_API_KEY": account.api_key,
+        "WEEX_SECRET_KEY": account.secret_key,
+        "WEEX_PASSPHRASE": account.passphrase,
+    }
+    assert harness.run(config=config, env=env) == 0
+    assert db.rows("SELECT DISTINCT user_id FROM trade_fills") == [("default",)]
+
+
+def test_user_and_symbol_options_restrict_the_pass(harness: Harness, db: Database, sim):
+    accounts = [make_account(sim, n, [BTC, ETH]) for n in (1, 2)]
+    for account in accounts:
+        for symbol in (BTC, ETH):
+            sim.generate_fills(
+                account.api_key, symbol, 5, start_ms=START_MS, end_ms=START_MS + DAY_MS
+            )
+    harness.accounts = accounts
+    harness.sync["symbols"] = [BTC, ETH]
+
+    assert harness.run("--user", "user2", "--symbol", ETH) == 0
+    assert db.rows("SELECT DISTINCT user_id, symbol FROM trade_fills") == [("user2", ETH)]
+    assert harness.run("--user", "nobody") == 2
+    assert "--user nobody: no such user" in harness.last_log
+
+
+# --- secrets, schema, database -------------------------------------------------------------
+
+
+def test_secrets_never_reach_logs_or_tables(harness: Harness, db: Database, sim):
+    good = make_account(sim, 1)
+    bad = make_account(sim, 2)
+    sim.generate_fills(good.api_key, BTC, 30, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+    bad.passphrase = "WRONG-PASSPHRASE-" + bad.passphrase
+    harness.accounts = [good, bad]
+    harness.database["password"] = "DB-PASSWORD-never-logged"
+    sim.faults = {"500": 0.2}
+    sim.retry_after = 0
+
+    assert harness.run("--log-level", "DEBUG") == 1
+
+    secrets = [
+        good.secret_key,
+        good.passphrase,
+        bad.secret_key,
+        bad.passphrase,
+        "DB-PASSWORD-never-logged",
+    ]
+    everything = harness.log + repr(db.rows("SELECT * FROM sync_status"))
+    assert "GET /capi/v2/order/fills" in harness.log  # urllib3 debug lines were captured
+    for secret in secrets:
+        assert secret not in everything
+
+
+def test_print_schema_equals_schema_sql():
+    result = subprocess.run(
+        [sys.executable, str(HERE / "weex_sync.py"), "--print-schema"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout == (HERE / "schema.sql").read_text()
+
+
+def test_database_unreachable_exits_3(harness: Harness, sim):
+    harness.accounts = [make_account(sim, 1)]
+    harness.database["port"] = 1
+    assert harness.run() == 3
+    assert "database unreachable" in harness.last_log
+
+
+def test_readme_example_queries_run_unchanged(harness: Harness, db: Database, sim):
+    account = make_account(sim, 1, [BTC, ETH])
+    for symbol in (BTC, ETH):
+        sim.generate_fills(account.api_key, symbol, 40, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+    harness.accounts = [account]
+    harness.sync["symbols"] = [BTC, ETH]
+    assert harness.run() == 0
+
+    readme = (HERE / "README.md").read_text()
+    queries = re.findall(r"```sql\n(.*?)```", readme, re.S)
+    assert len(queries) >= 6
+    for query in queries:
+        for statement in filter(str.strip, query.split(";")):
+            assert db.rows(statement) is not None
