@@ -8,7 +8,6 @@ import sys
 from decimal import Decimal
 from pathlib import Path
 
-import pytest
 import yaml
 
 import weex_sync
@@ -311,7 +310,7 @@ def test_money_is_exact_decimal_end_to_end(harness: Harness, db: Database, sim):
     assert db.scalar(
         "SELECT sum(size::numeric) FROM trade_fills WHERE trade_id IN ('1', '2')"
     ) == Decimal("0.3")
-    assert db.scalar("SELECT price FROM trade_fills WHERE trade_id = '2'") == Decimal("3")
+    assert db.scalar("SELECT price FROM trade_fills WHERE trade_id = '2'") == Decimal(3)
     row = db.rows(
         "SELECT order_id, fee, raw->>'fillValue', raw->'fillSize' FROM trade_fills WHERE trade_id = %s",
         (str(big),),
@@ -531,7 +530,7 @@ def test_readme_example_queries_run_unchanged(harness: Harness, db: Database, si
     assert harness.run() == 0
 
     readme = (HERE / "README.md").read_text()
-    queries = re.findall(r"```sql\n(.*?)```", readme, re.S)
+    queries = re.findall(r"```sql\n(.*?)```", readme, re.DOTALL)
     assert len(queries) >= 6
     for query in queries:
         for statement in filter(str.strip, query.split(";")):
