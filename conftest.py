@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -30,6 +32,7 @@ PG = {
     "password": os.environ.get("TEST_PGPASSWORD", ""),
 }
 TABLES = ("trade_fills", "sync_status", "sync_cursor")
+HERE = Path(__file__).resolve().parent
 START_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
 DAY_MS = 86_400_000
 
@@ -131,7 +134,7 @@ def db(test_db_name: str) -> Database:
 
 def raw_key(raw: dict) -> str:
     """A fill object in a canonical text form, for comparing with the jsonb column."""
-    return json.dumps(raw, sort_keys=True)
+    return json.dumps(raw, sort_keys=True, default=lambda d: {"$decimal": str(d)})
 
 
 def expected_fills(user_id: str, fills: list[dict]) -> set[tuple]:
@@ -239,6 +242,17 @@ class Harness:
         self.last_log = self.capsys.readouterr().err
         self.log = getattr(self, "log", "") + self.last_log
         return code
+
+    def popen(self, *args: str, config: dict | None = None) -> subprocess.Popen:
+        """weex_sync.py as its own process, the way cron runs it; stderr is captured."""
+        path = self.write_config(config)
+        return subprocess.Popen(
+            [sys.executable, str(HERE / "weex_sync.py"), "-c", str(path), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={"PATH": os.environ.get("PATH", "")},
+        )
 
 
 @pytest.fixture

@@ -1,0 +1,30 @@
+# make demo  - set up .venv and run the demo (simulator + one weex_sync pass + example queries)
+# make test  - set up .venv and run the whole test suite against the local PostgreSQL
+# make bench - run the benchmark (bench/README.md)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test bench lint venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+demo: venv
+	$(PY) demo.py
+
+test: venv
+	$(PY) -m pytest -q
+
+bench: venv
+	$(PY) -m pip install --quiet -r bench/requirements.txt
+	$(PY) bench/run_bench.py
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
