@@ -535,3 +535,65 @@ def test_readme_example_queries_run_unchanged(harness: Harness, db: Database, si
     for query in queries:
         for statement in filter(str.strip, query.split(";")):
             assert db.rows(statement) is not None
+
+
+# --- scale -------------------------------------------------------------------------------------
+
+
+def comparable_status(db: Database) -> list[tuple]:
+    return sorted(
+        (
+            r["user_id"],
+            r["symbol"],
+            r["status"],
+            r["records_count"],
+            r["fetched_count"],
+            r["requests_count"],
+            r["last_trade_time"],
+        )
+        for r in db.status()
+    )
+
+
+def test_workers_give_the_same_rows_and_status_as_a_serial_pass(
+    harness: Harness, db: Database, sim
+):
+    accounts = [make_account(sim, n, [BTC, ETH]) for n in range(1, 7)]
+    for n, account in enumerate(accounts):
+        for symbol in (BTC, ETH):
+            sim.generate_fills(
+                account.api_key, symbol, 150 * n + 7, start_ms=START_MS, end_ms=START_MS + DAY_MS
+            )
+    harness.accounts = accounts
+    harness.sync["symbols"] = [BTC, ETH]
+
+    harness.sync["workers"] = 1
+    assert harness.run() == 0
+    serial_fills, serial_status = stored_fills(db), comparable_status(db)
+    db.rows("TRUNCATE trade_fills, sync_status, sync_cursor")
+
+    harness.sync["workers"] = 6
+    assert harness.run() == 0
+    assert stored_fills(db) == serial_fills
+    assert comparable_status(db) == serial_status
+    assert len(serial_status) == 12
+
+
+def test_client_rate_limiter_keeps_the_exchange_from_answering_429(
+    harness: Harness, db: Database, sim
+):
+    accounts = [make_account(sim, n) for n in (1, 2, 3)]
+    for account in accounts:
+        sim.generate_fills(account.api_key, BTC, 2500, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+    sim.uid_limit = (100, 1.0)  # 20 fills requests per second per key
+    sim.ip_limit = (200, 1.0)  # 40 per second for the whole process
+    harness.accounts = accounts
+    harness.weex["rate_limit"] = {"uid_weight": 100, "ip_weight": 200, "window_seconds": 1}
+    harness.weex["max_retries"] = 0  # a 429 would be fatal, not silently retried
+
+    assert harness.run() == 0
+
+    assert sim.count(status=429) == 0
+    for account in accounts:
+        served = sim.fills(account.api_key, BTC)
+        assert stored_fills(db, account.user_id) == expected_fills(account.user_id, served)

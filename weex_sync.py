@@ -211,7 +211,10 @@ def _apply_env_overrides(raw: dict, environ: Mapping[str, str]) -> None:
 
 
 def _join(path: str, key: Any) -> str:
-    return f"{path}.{key}" if path else str(key)
+    """'section.key'; keys that are not plain words are quoted, so a message stays one line."""
+    if not (isinstance(key, str) and re.fullmatch(r"\w+", key)):
+        return f"{path}[{key!r}]"
+    return f"{path}.{key}" if path else key
 
 
 def _section(raw: dict, name: str, path: str = "") -> dict:
@@ -1090,9 +1093,10 @@ def save_page(
     user_id: str,
     symbol: str,
     fills: list[Fill],
-    cursor: Cursor,
+    cursor: Cursor | None,
 ) -> int:
-    """Insert the page's fills and move the cursor in one transaction; returns rows inserted."""
+    """Insert the page's fills and move the cursor (unless None) in one transaction; returns
+    the number of rows inserted."""
     with conn, conn.cursor() as cur:
         inserted = 0
         if fills:
@@ -1117,11 +1121,31 @@ def save_page(
                     cur, INSERT_FILLS_SQL, rows, page_size=len(rows), fetch=True
                 )
             )
-        cur.execute(
-            SAVE_CURSOR_SQL,
-            (user_id, symbol, cursor.synced_through, cursor.walk_end, cursor.walk_target),
-        )
+        if cursor is not None:
+            cur.execute(
+                SAVE_CURSOR_SQL,
+                (user_id, symbol, cursor.synced_through, cursor.walk_end, cursor.walk_target),
+            )
     return inserted
+
+
+def count_new(conn: psycopg2.extensions.connection, user_id: str, fills: list[Fill]) -> int:
+    """How many of these fills are not stored yet (read only, for --dry-run)."""
+    if not fills:
+        return 0
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT count(*) FROM trade_fills WHERE user_id = %s"
+            " AND (order_id, trade_id, trade_time) IN"
+            " (SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[]))",
+            (
+                user_id,
+                [f.order_id for f in fills],
+                [f.trade_id for f in fills],
+                [f.trade_time for f in fills],
+            ),
+        )
+        return len(fills) - cur.fetchone()[0]
 
 
 def record_status(conn: psycopg2.extensions.connection, row: dict) -> None:
@@ -1190,6 +1214,16 @@ class Worker:
         self.session.close()
 
 
+@dataclass(frozen=True)
+class PassOptions:
+    """dry_run: fetch and count, write nothing. since/until: re-scan that range (ms, until
+    None = now) without moving the cursor; fills already stored are left alone."""
+
+    dry_run: bool = False
+    since: int | None = None
+    until: int | None = None
+
+
 class SyncPass:
     """One pass over the selected (user, symbol) pairs, users spread over a worker pool."""
 
@@ -1199,8 +1233,10 @@ class SyncPass:
         stop: threading.Event,
         redact: Redactor,
         clock: ServerClock | None = None,
+        options: PassOptions | None = None,
     ) -> None:
         self.cfg = cfg
+        self.options = options or PassOptions()
         self.stop = stop
         self.redact = redact
         self.clock = clock or ServerClock()
@@ -1218,12 +1254,18 @@ class SyncPass:
     def run(self, users: list[UserConfig]) -> list[Outcome]:
         started = time.monotonic()
         pairs = sum(len(u.symbols) for u in users)
+        mode = " (dry run)" if self.options.dry_run else ""
+        if self.options.since is not None:
+            until = format_ms(self.options.until) if self.options.until else "now"
+            mode += f" (re-scan {format_ms(self.options.since)} .. {until})"
         log.info(
-            "pass %s started: %d users, %d (user, symbol) pairs, %d workers",
+            "pass %s started%s: %d users, %d (user, symbol) pairs, %d workers",
             self.pass_id,
+            mode,
             len(users),
             pairs,
             self.cfg.sync.workers,
+            extra={"event": "pass_start", "pass_id": self.pass_id},
         )
         try:
             with ThreadPoolExecutor(self.cfg.sync.workers, thread_name_prefix="sync") as pool:
@@ -1279,6 +1321,7 @@ class SyncPass:
                     "%s/%s: skipped, another weex_sync process is syncing it",
                     user.user_id,
                     symbol,
+                    extra={"event": "skipped", "user": user.user_id, "symbol": symbol},
                 )
                 outcome.status = "skipped"
                 return outcome
@@ -1309,7 +1352,13 @@ class SyncPass:
             worker.drop_connection()  # the lock dies with the session
 
     def _sync_locked(self, worker: Worker, client: WeexClient, outcome: Outcome) -> None:
-        """Finish an interrupted walk if there is one, then walk from the cursor to now."""
+        """Finish an interrupted walk if there is one, then walk from the cursor to now.
+        A re-scan (--since) walks its own range and leaves the cursor alone."""
+        if self.options.since is not None:
+            self._walk_and_store(
+                worker, client, outcome, Cursor(self.options.since, self.options.until), False
+            )
+            return
         conn = worker.conn()
         cursor = load_cursor(conn, outcome.user_id, outcome.symbol) or Cursor(
             self.cfg.sync.start_time
@@ -1321,12 +1370,18 @@ class SyncPass:
                 outcome.symbol,
                 format_ms(cursor.synced_through),
                 format_ms(cursor.walk_end),
+                extra={"event": "resume", "user": outcome.user_id, "symbol": outcome.symbol},
             )
-            cursor = self._walk_and_store(worker, client, outcome, cursor)
-        self._walk_and_store(worker, client, outcome, cursor)
+            cursor = self._walk_and_store(worker, client, outcome, cursor, True)
+        self._walk_and_store(worker, client, outcome, Cursor(cursor.synced_through), True)
 
     def _walk_and_store(
-        self, worker: Worker, client: WeexClient, outcome: Outcome, cursor: Cursor
+        self,
+        worker: Worker,
+        client: WeexClient,
+        outcome: Outcome,
+        cursor: Cursor,
+        move_cursor: bool,
     ) -> Cursor:
         """Store pages as they arrive, each page and its cursor in one transaction, so a pass
         killed at any moment resumes exactly where its last commit left off."""
@@ -1343,12 +1398,18 @@ class SyncPass:
                 cursor = Cursor(max(start, target) if target is not None else start)
             else:
                 cursor = Cursor(start, page.resume_end, target)
-            if page.fills or cursor != stored:
+            outcome.fetched += len(page.fills)
+            if self.options.dry_run:
+                outcome.inserted += count_new(worker.conn(), outcome.user_id, page.fills)
+            elif page.fills or (move_cursor and cursor != stored):
                 outcome.inserted += save_page(
-                    worker.conn(), outcome.user_id, outcome.symbol, page.fills, cursor
+                    worker.conn(),
+                    outcome.user_id,
+                    outcome.symbol,
+                    page.fills,
+                    cursor if move_cursor else None,
                 )
                 stored = cursor
-            outcome.fetched += len(page.fills)
             progress.update(page)
             if self.stop.is_set() and page.resume_end is not None:
                 raise Interrupted()
@@ -1359,18 +1420,24 @@ class SyncPass:
             outcome.error = self.redact(outcome.error)
         if outcome.status == "skipped":
             return
-        if outcome.status == "interrupted":
+        interrupted = outcome.status == "interrupted"
+        if interrupted:
             log.warning(
                 "%s/%s: interrupted after %d fills; the next pass resumes where this one stopped",
                 outcome.user_id,
                 outcome.symbol,
                 outcome.inserted,
+                extra={"event": "interrupted", "user": outcome.user_id, "symbol": outcome.symbol},
             )
             outcome.status = "error"
             outcome.error = "interrupted by a stop signal; the next pass resumes"
-            interrupted = True
-        else:
-            interrupted = False
+        if not self.options.dry_run:
+            self._record(worker, outcome)
+        if interrupted:
+            outcome.status = "interrupted"
+        self._log_outcome(outcome)
+
+    def _record(self, worker: Worker, outcome: Outcome) -> None:
         row = {
             "pass_id": self.pass_id,
             "user_id": outcome.user_id,
@@ -1392,37 +1459,68 @@ class SyncPass:
                 outcome.symbol,
                 self.redact(_first_line(exc)),
             )
-        if interrupted:
-            outcome.status = "interrupted"
-        self._log_outcome(outcome)
 
     def _log_outcome(self, o: Outcome) -> None:
+        new = "new" if self.options.dry_run else "inserted"
         counts = (
-            f"fetched={o.fetched} inserted={o.inserted} present={o.fetched - o.inserted} "
+            f"fetched={o.fetched} {new}={o.inserted} present={o.fetched - o.inserted} "
             f"requests={o.requests} duration_ms={o.duration_ms}"
         )
+        fields = {
+            "user": o.user_id,
+            "symbol": o.symbol,
+            "fetched": o.fetched,
+            "inserted": o.inserted,
+            "present": o.fetched - o.inserted,
+            "requests": o.requests,
+            "duration_ms": o.duration_ms,
+        }
         if o.status == "success":
-            log.info("%s/%s: ok %s", o.user_id, o.symbol, counts)
+            log.info(
+                "%s/%s: ok %s", o.user_id, o.symbol, counts, extra={"event": "synced", **fields}
+            )
         elif o.status == "error":
-            log.error("%s/%s: error %s: %s", o.user_id, o.symbol, counts, o.error)
+            log.error(
+                "%s/%s: error %s: %s",
+                o.user_id,
+                o.symbol,
+                counts,
+                o.error,
+                extra={"event": "sync_error", "error": o.error, **fields},
+            )
 
     def _log_summary(self, outcomes: list[Outcome], seconds: float) -> None:
-        by_status = {s: sum(o.status == s for o in outcomes) for s in ("success", "error")}
-        by_status["skipped"] = sum(o.status == "skipped" for o in outcomes)
-        by_status["interrupted"] = sum(o.status == "interrupted" for o in outcomes)
+        counts = {
+            s: sum(o.status == s for o in outcomes)
+            for s in ("success", "error", "skipped", "interrupted")
+        }
+        totals = {
+            "fetched": sum(o.fetched for o in outcomes),
+            "inserted": sum(o.inserted for o in outcomes),
+            "requests": sum(o.requests for o in outcomes),
+        }
         log.log(
-            logging.ERROR if by_status["error"] else logging.INFO,
+            logging.ERROR if counts["error"] else logging.INFO,
             "pass %s finished in %.1fs: %d ok, %d failed, %d skipped, %d interrupted; "
-            "fetched=%d inserted=%d requests=%d",
+            "fetched=%d %s=%d requests=%d%s",
             self.pass_id,
             seconds,
-            by_status["success"],
-            by_status["error"],
-            by_status["skipped"],
-            by_status["interrupted"],
-            sum(o.fetched for o in outcomes),
-            sum(o.inserted for o in outcomes),
-            sum(o.requests for o in outcomes),
+            counts["success"],
+            counts["error"],
+            counts["skipped"],
+            counts["interrupted"],
+            totals["fetched"],
+            "new" if self.options.dry_run else "inserted",
+            totals["inserted"],
+            totals["requests"],
+            " (dry run: nothing written)" if self.options.dry_run else "",
+            extra={
+                "event": "pass_done",
+                "pass_id": self.pass_id,
+                "duration_ms": int(seconds * 1000),
+                **{f"{k}_count": v for k, v in counts.items()},
+                **totals,
+            },
         )
 
 
@@ -1449,6 +1547,12 @@ class Progress:
             format_ms(page.fills[-1].trade_time),
             self.outcome.fetched,
             rate,
+            extra={
+                "event": "progress",
+                "user": self.outcome.user_id,
+                "symbol": self.outcome.symbol,
+                "fetched": self.outcome.fetched,
+            },
         )
 
 
@@ -1475,9 +1579,50 @@ class RedactingFormatter(logging.Formatter):
         return self.redact(super().format(record))
 
 
-def setup_logging(level: str, redact: Redactor) -> None:
+class JsonFormatter(RedactingFormatter):
+    """One JSON object per line: ts, level, event, message and the event's fields."""
+
+    FIELDS = (
+        "user",
+        "symbol",
+        "pass_id",
+        "fetched",
+        "inserted",
+        "present",
+        "requests",
+        "duration_ms",
+        "success_count",
+        "error_count",
+        "skipped_count",
+        "interrupted_count",
+        "error",
+    )
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": format_ms(int(record.created * 1000)),
+            "level": record.levelname,
+            "logger": record.name,
+            "event": getattr(record, "event", "log"),
+            "message": record.getMessage(),
+        }
+        entry.update((f, getattr(record, f)) for f in self.FIELDS if hasattr(record, f))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        redacted = {k: self.redact(v) if isinstance(v, str) else v for k, v in entry.items()}
+        return self.redact(json.dumps(redacted))
+
+
+def quiet_filter(record: logging.LogRecord) -> bool:
+    """-q: warnings, errors and the one summary line of each pass."""
+    return record.levelno >= logging.WARNING or getattr(record, "event", "") == "pass_done"
+
+
+def setup_logging(level: str, redact: Redactor, fmt: str = "text", quiet: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(RedactingFormatter(redact))
+    handler.setFormatter(JsonFormatter(redact) if fmt == "json" else RedactingFormatter(redact))
+    if quiet:
+        handler.addFilter(quiet_filter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -1500,6 +1645,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="run a pass every N seconds (default sync.interval_seconds) until SIGINT/SIGTERM",
     )
+    mode.add_argument(
+        "--check",
+        action="store_true",
+        help="check config, database and every user's credentials (one request each), then exit",
+    )
+    mode.add_argument(
+        "--status", action="store_true", help="print the latest sync_status per (user, symbol)"
+    )
     mode.add_argument("--print-schema", action="store_true", help="print the SQL schema and exit")
     parser.add_argument(
         "-c",
@@ -1512,14 +1665,44 @@ def build_parser() -> argparse.ArgumentParser:
         "--symbol", action="append", metavar="S", help="only this symbol (repeatable)"
     )
     parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="fetch and count, write nothing (no fills, no status, no cursor)",
+    )
+    parser.add_argument(
+        "--since",
+        metavar="DATE",
+        help="re-scan fills from DATE (ISO date/datetime UTC, or ms); the cursor is not moved",
+    )
+    parser.add_argument("--until", metavar="DATE", help="end of the --since re-scan (default now)")
+    parser.add_argument("--json", action="store_true", help="with --status: print JSON")
+    parser.add_argument(
         "--log-level",
         default="INFO",
         type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="default INFO",
     )
+    parser.add_argument(
+        "--log-format", default="text", choices=["text", "json"], help="default text"
+    )
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="only warnings, errors and the summary line"
+    )
     parser.add_argument("--version", action="version", version=f"weex_sync {__version__}")
     return parser
+
+
+def pass_options(args: argparse.Namespace) -> PassOptions:
+    if args.until and not args.since:
+        raise ConfigError("--until: needs --since")
+    since = parse_time(args.since, "--since") if args.since else None
+    until = parse_time(args.until, "--until") if args.until else None
+    if since is not None and until is not None and until < since:
+        raise ConfigError(f"--until {args.until}: is before --since {args.since}")
+    if args.json and not args.status:
+        raise ConfigError("--json: only with --status")
+    return PassOptions(dry_run=args.dry_run, since=since, until=until)
 
 
 def select_users(
@@ -1556,32 +1739,41 @@ def install_stop_handlers(stop: threading.Event) -> dict[int, Any]:
     return {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
 
+def prepare_database(cfg: Config, redact: Redactor) -> bool:
+    """Create the database and schema when missing; False (logged) if unreachable."""
+    try:
+        conn = open_database(cfg.database)
+        try:
+            ensure_schema(conn)
+        finally:
+            conn.close()
+    except (DatabaseUnavailable, psycopg2.Error) as exc:
+        log.error(
+            "database unreachable (%s:%s/%s): %s",
+            cfg.database.host,
+            cfg.database.port,
+            cfg.database.dbname,
+            redact(_first_line(exc)),
+            extra={"event": "db_unreachable"},
+        )
+        return False
+    return True
+
+
 def run_passes(
     cfg: Config,
     users: list[UserConfig],
     loop_seconds: int | None,
     stop: threading.Event,
     redact: Redactor,
+    options: PassOptions,
 ) -> int:
     clock = ServerClock()
 
     def one_pass() -> int:
-        try:
-            conn = open_database(cfg.database)
-            try:
-                ensure_schema(conn)
-            finally:
-                conn.close()
-        except (DatabaseUnavailable, psycopg2.Error) as exc:
-            log.error(
-                "database unreachable (%s:%s/%s): %s",
-                cfg.database.host,
-                cfg.database.port,
-                cfg.database.dbname,
-                redact(_first_line(exc)),
-            )
+        if not prepare_database(cfg, redact):
             return EXIT_DB_UNREACHABLE
-        return exit_code(SyncPass(cfg, stop, redact, clock).run(users))
+        return exit_code(SyncPass(cfg, stop, redact, clock, options).run(users))
 
     if loop_seconds is None:
         return one_pass()
@@ -1591,22 +1783,162 @@ def run_passes(
     return EXIT_OK
 
 
+# --- --check and --status ----------------------------------------------------------------------
+
+LATEST_STATUS_SQL = """
+SELECT DISTINCT ON (user_id, symbol)
+       user_id, symbol, status, last_sync_time, now() - last_sync_time AS age,
+       records_count, fetched_count, requests_count, last_trade_time, error_message
+  FROM sync_status
+ ORDER BY user_id, symbol, last_sync_time DESC, id DESC
+"""
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    lines = [headers, *rows]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def format_age(age: dt.timedelta | None) -> str:
+    if age is None:
+        return "-"
+    seconds = max(int(age.total_seconds()), 0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def latest_status(conn: psycopg2.extensions.connection) -> dict[tuple[str, str], dict]:
+    with conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+        cur.execute(LATEST_STATUS_SQL)
+        return {(r["user_id"], r["symbol"]): dict(r) for r in cur.fetchall()}
+
+
+def newest_fill(conn: psycopg2.extensions.connection, user_id: str, symbol: str) -> int | None:
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT max(trade_time) FROM trade_fills WHERE user_id = %s AND symbol = %s",
+            (user_id, symbol),
+        )
+        return cur.fetchone()[0]
+
+
+def print_status(cfg: Config, as_json: bool) -> int:
+    conn = open_database(cfg.database)
+    try:
+        ensure_schema(conn)
+        rows = list(latest_status(conn).values())
+    finally:
+        conn.close()
+    if as_json:
+        for row in rows:
+            row["last_sync_time"] = row["last_sync_time"].astimezone(dt.UTC).isoformat()
+            row["age_seconds"] = int(row.pop("age").total_seconds())
+            row["last_trade_time_utc"] = (
+                format_ms(row["last_trade_time"]) if row["last_trade_time"] else None
+            )
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("no sync has run yet (sync_status is empty)")
+        return EXIT_OK
+    headers = ["USER", "SYMBOL", "STATUS", "LAST SYNC (UTC)", "AGE", "INSERTED", "FETCHED"]
+    headers += ["REQUESTS", "LAST FILL (UTC)", "ERROR"]
+    table = [
+        [
+            r["user_id"],
+            r["symbol"],
+            r["status"],
+            r["last_sync_time"].astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            format_age(r["age"]),
+            str(r["records_count"]),
+            str(r["fetched_count"]),
+            str(r["requests_count"]),
+            format_ms(r["last_trade_time"]),
+            (r["error_message"] or "")[:80],
+        ]
+        for r in rows
+    ]
+    print(format_table(headers, table))
+    return EXIT_OK
+
+
+def check_credentials(cfg: Config, user: UserConfig, session: requests.Session) -> str | None:
+    """None if one signed fills request for the user's first symbol succeeds, else why not."""
+    rl = cfg.weex.rate_limit
+    client = WeexClient(
+        cfg.weex,
+        user,
+        session,
+        ServerClock(),
+        RollingWindowLimiter(rl.ip_weight, rl.window_seconds),
+        RollingWindowLimiter(rl.uid_weight, rl.window_seconds),
+    )
+    try:
+        client.get_fills(symbol=user.symbols[0], limit=1)
+    except WeexError as exc:
+        return str(exc)
+    return None
+
+
+def run_check(cfg: Config, users: list[UserConfig], redact: Redactor) -> int:
+    if not prepare_database(cfg, redact):
+        return EXIT_DB_UNREACHABLE
+    print(f"database: ok ({cfg.database.host}:{cfg.database.port}/{cfg.database.dbname})")
+    conn = connect(cfg.database)
+    session = make_session(cfg.weex)
+    table, usable = [], True
+    try:
+        latest = latest_status(conn)
+        for user in users:
+            problem = check_credentials(cfg, user, session)
+            usable = usable and problem is None
+            for symbol in user.symbols:
+                status = latest.get((user.user_id, symbol))
+                table.append(
+                    [
+                        user.user_id,
+                        symbol,
+                        "ok" if problem is None else redact(f"FAILED: {problem}")[:90],
+                        format_ms(newest_fill(conn, user.user_id, symbol)),
+                        status["status"] if status else "never synced",
+                    ]
+                )
+    finally:
+        conn.close()
+        session.close()
+    headers = ["USER", "SYMBOL", "CREDENTIALS", "LAST SYNCED FILL (UTC)", "LAST STATUS"]
+    print(format_table(headers, table))
+    return EXIT_OK if usable else EXIT_SYNC_FAILED
+
+
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.print_schema:
         sys.stdout.write(SCHEMA_SQL)
         return EXIT_OK
     environ = os.environ if environ is None else environ
-    setup_logging(args.log_level, Redactor())
+    setup_logging(args.log_level, Redactor(), args.log_format, args.quiet)
     config_path = args.config or ("config.yaml" if os.path.exists("config.yaml") else None)
     try:
         cfg = load_config(config_path, environ)
         users = select_users(cfg, args.user, args.symbol)
+        options = pass_options(args)
     except ConfigError as exc:
-        log.error("configuration error: %s", exc)
+        log.error("configuration error: %s", exc, extra={"event": "config_error"})
         return EXIT_CONFIG
     redact = Redactor(cfg.secrets())
-    setup_logging(args.log_level, redact)
+    setup_logging(args.log_level, redact, args.log_format, args.quiet)
+    if args.status:
+        try:
+            return print_status(cfg, args.json)
+        except (DatabaseUnavailable, psycopg2.Error) as exc:
+            log.error("database unreachable: %s", redact(_first_line(exc)))
+            return EXIT_DB_UNREACHABLE
+    if args.check:
+        return run_check(cfg, users, redact)
     loop_seconds = None
     if args.loop is not None:
         if args.loop == "interval":
@@ -1619,7 +1951,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     stop = threading.Event()
     previous_handlers = install_stop_handlers(stop)
     try:
-        return run_passes(cfg, users, loop_seconds, stop, redact)
+        return run_passes(cfg, users, loop_seconds, stop, redact, options)
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
