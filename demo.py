@@ -1,6 +1,6 @@
 """The demo behind `make demo`: a WEEX simulator with three accounts and two symbols, one
 weex_sync pass into a local database, the README's example queries, then a second pass that
-picks up only the fills that arrived in between.
+picks up only the fills that arrived in between, and the --check and --status reports.
 
 PostgreSQL: the server at DB_HOST:DB_PORT (default 127.0.0.1:5432, user postgres); when nothing
 answers there, a throwaway server from a pip wheel (pg_fallback.py). The demo database is
@@ -58,8 +58,8 @@ def fresh_database(pg: dict, name: str) -> None:
     conn.close()
 
 
-def run_pass(config_path: Path) -> None:
-    command = [sys.executable, str(HERE / "weex_sync.py"), "--once", "-c", str(config_path)]
+def run_cli(config_path: Path, *args: str) -> None:
+    command = [sys.executable, str(HERE / "weex_sync.py"), *args, "-c", str(config_path)]
     print(f"\n$ {' '.join(command[1:])}", flush=True)
     code = subprocess.run(command, check=False).returncode
     print(f"(exit code {code})")
@@ -102,7 +102,7 @@ def main() -> None:
     print(f"config written to {config_path.relative_to(HERE)}")
 
     try:
-        run_pass(config_path)
+        run_cli(config_path, "--once")
         conn = psycopg2.connect(dbname=dbname, **pg)
         show(conn, "Fills, volume and fees per user and symbol")
         show(conn, "The latest sync status per user and symbol")
@@ -111,9 +111,10 @@ def main() -> None:
         for i in range(25):
             sim.add_fill("demo-key-2", "cmt_btcusdt", created_time=now_ms - 1000 + i)
         print("\n25 new fills for user2 / cmt_btcusdt arrived; the next pass fetches only those:")
-        run_pass(config_path)
-        show(conn, "The latest sync status per user and symbol")
+        run_cli(config_path, "--once")
         conn.close()
+        run_cli(config_path, "--check")
+        run_cli(config_path, "--status")
     finally:
         sim.stop()
 

@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation, localcontext
@@ -852,6 +852,34 @@ def resolve_burst(
     return sorted(found.values(), key=lambda f: (f.order_id, f.trade_id))
 
 
+BATCH_PAGES = 10  # pages per transaction at most: 1,000 fills at the default page size
+BATCH_SECONDS = 1.0  # ... and a commit at least every second while a walk is running
+
+
+def batched(pages: Iterable[Page], flush_now: Callable[[], bool]) -> Iterator[Page]:
+    """Consecutive pages merged into one, so a long backfill commits ~1,000 fills at a time
+    (bigger statements, fewer commits) instead of 100; a merged page resumes where its last
+    page does. A batch is cut short at the walk's end, after BATCH_SECONDS, or on flush_now()."""
+    fills: list[Fill] = []
+    count, started, resume_end = 0, time.monotonic(), None
+    try:
+        for page in pages:
+            fills.extend(page.fills)
+            count, resume_end = count + 1, page.resume_end
+            if (
+                resume_end is None
+                or count >= BATCH_PAGES
+                or time.monotonic() - started >= BATCH_SECONDS
+                or flush_now()
+            ):
+                yield Page(fills, resume_end)
+                fills, count, started = [], 0, time.monotonic()
+    except Exception:
+        if count:  # the pages before a failure are good: store them before reporting it
+            yield Page(fills, resume_end)
+        raise
+
+
 def prefetch(items: Iterator[T], cancel: threading.Event, depth: int = 2) -> Iterator[T]:
     """Iterate ``items`` in a background thread up to ``depth`` items ahead, so the next HTTP
     request overlaps the database write of the current page. Exceptions are re-raised here."""
@@ -961,10 +989,17 @@ SELECT user_id, symbol, order_id, trade_id,
 """
 
 SCHEMA_LOCK_KEY = 0x7765_6578_5F73_796E  # "wex_syn": serialises concurrent schema creation
-INSERT_FILLS_SQL = (
-    "INSERT INTO trade_fills (user_id, order_id, trade_id, symbol, side, price, size, fee,"
-    " fee_coin, trade_time, raw) VALUES %s ON CONFLICT DO NOTHING RETURNING 1"
-)
+# One statement per page with a column array per field: measured 1.7x the rows/s of
+# execute_values (which renders one VALUES tuple per row in Python); see bench/.
+INSERT_FILLS_SQL = """
+INSERT INTO trade_fills (user_id, order_id, trade_id, symbol, side, price, size, fee, fee_coin,
+                         trade_time, raw)
+SELECT %s, order_id, trade_id, %s, side, price, size, fee, %s, trade_time, raw::jsonb
+  FROM unnest(%s::text[], %s::text[], %s::text[], %s::numeric[], %s::numeric[], %s::numeric[],
+              %s::bigint[], %s::text[])
+       AS page(order_id, trade_id, side, price, size, fee, trade_time, raw)
+ON CONFLICT DO NOTHING
+"""
 SAVE_CURSOR_SQL = """
 INSERT INTO sync_cursor (user_id, symbol, synced_through, walk_end, walk_target)
 VALUES (%s, %s, %s, %s, %s)
@@ -1100,27 +1135,23 @@ def save_page(
     with conn, conn.cursor() as cur:
         inserted = 0
         if fills:
-            rows = [
+            cur.execute(
+                INSERT_FILLS_SQL,
                 (
                     user_id,
-                    f.order_id,
-                    f.trade_id,
-                    f.symbol,
-                    f.side,
-                    f.price,
-                    f.size,
-                    f.fee,
-                    f.fee_coin,
-                    f.trade_time,
-                    to_json(f.raw),
-                )
-                for f in fills
-            ]
-            inserted = len(
-                psycopg2.extras.execute_values(
-                    cur, INSERT_FILLS_SQL, rows, page_size=len(rows), fetch=True
-                )
+                    symbol,
+                    fee_coin(symbol),
+                    [f.order_id for f in fills],
+                    [f.trade_id for f in fills],
+                    [f.side for f in fills],
+                    [f.price for f in fills],
+                    [f.size for f in fills],
+                    [f.fee for f in fills],
+                    [f.trade_time for f in fills],
+                    [to_json(f.raw) for f in fills],
+                ),
             )
+            inserted = cur.rowcount
         if cursor is not None:
             cur.execute(
                 SAVE_CURSOR_SQL,
@@ -1383,16 +1414,16 @@ class SyncPass:
         cursor: Cursor,
         move_cursor: bool,
     ) -> Cursor:
-        """Store pages as they arrive, each page and its cursor in one transaction, so a pass
-        killed at any moment resumes exactly where its last commit left off."""
+        """Store pages as they arrive, each batch of pages and its cursor in one transaction,
+        so a pass killed at any moment resumes exactly where its last commit left off."""
         start, target = cursor.synced_through, cursor.walk_target
         stored = cursor
         progress = Progress(outcome)
         cancel = threading.Event()
         pages = walk(client, outcome.symbol, start, cursor.walk_end, self.cfg.sync.page_size)
-        for page in prefetch(pages, cancel):
+        for page in batched(prefetch(pages, cancel, depth=2 * BATCH_PAGES), self.stop.is_set):
             if page.fills:
-                newest = page.fills[0].trade_time
+                newest = max(f.trade_time for f in page.fills)
                 target = newest if target is None else max(target, newest)
             if page.resume_end is None:
                 cursor = Cursor(max(start, target) if target is not None else start)
