@@ -597,3 +597,25 @@ def test_client_rate_limiter_keeps_the_exchange_from_answering_429(
     for account in accounts:
         served = sim.fills(account.api_key, BTC)
         assert stored_fills(db, account.user_id) == expected_fills(account.user_id, served)
+
+
+def test_weex_sync_works_when_copied_alone(harness: Harness, db: Database, sim, tmp_path: Path):
+    account = make_account(sim, 1)
+    sim.generate_fills(account.api_key, BTC, 42, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+    harness.accounts = [account]
+    alone = tmp_path / "server"
+    alone.mkdir()
+    (alone / "weex_sync.py").write_text((HERE / "weex_sync.py").read_text())
+    (alone / "config.yaml").write_text(yaml.safe_dump(harness.config()))
+
+    result = subprocess.run(
+        [sys.executable, "weex_sync.py", "--once"],  # config.yaml of the working directory
+        cwd=alone,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert stored_fills(db) == expected_fills("user1", sim.fills(account.api_key, BTC))
