@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import queue
+import random
 import re
 import signal
 import sys
@@ -456,6 +457,10 @@ class _RetryablePayload(Exception):
     """HTTP 200 with a body that is not a usable answer (malformed JSON, a busy code)."""
 
 
+class _TimestampRejected(Exception):
+    """The exchange says our ACCESS-TIMESTAMP is too far from its clock (code 40005)."""
+
+
 def sign(secret_key: str, timestamp: str, method: str, path: str, query: str, body: str) -> str:
     """ACCESS-SIGN: base64(HMAC_SHA256(secret, timestamp + METHOD + path [+ "?" + query] + body))."""
     prehash = timestamp + method.upper() + path + (f"?{query}" if query else "") + body
@@ -569,7 +574,7 @@ class WeexClient:
                 attempt += 1
                 if attempt > self.cfg.max_retries:
                     raise WeexError(f"{exc} (gave up after {attempt} attempts)") from None
-                time.sleep(min(0.25 * 2**attempt, 10))
+                time.sleep(min(0.25 * 2**attempt, 10) * random.uniform(0.5, 1.0))
 
     def _request(self, path: str, query: str) -> dict:
         for limiter in self.limiters:
@@ -585,15 +590,12 @@ class WeexClient:
         try:
             response = self.session.get(url, headers=headers, timeout=self.cfg.timeout_seconds)
         except requests.RequestException as exc:
+            # requests hides urllib3's retry history here; count the attempts it was allowed
             self.requests_made += self.cfg.max_retries + 1
             raise WeexError(f"cannot reach the exchange: {_describe_network_error(exc)}") from None
         history = getattr(getattr(response.raw, "retries", None), "history", ())
         self.requests_made += 1 + len(history or ())
         return classify_response(response.status_code, response.content)
-
-
-class _TimestampRejected(Exception):
-    pass
 
 
 def _describe_network_error(exc: requests.RequestException) -> str:
@@ -624,7 +626,8 @@ def classify_response(status: int, content: bytes) -> dict:
     detail = f"HTTP {status}" + (f", code {code}: {msg}" if code else "")
     if status == 521:
         raise WeexError(
-            f"IP not whitelisted for this API key ({detail}): whitelist this IP in the WEEX API settings",
+            f"IP not whitelisted for this API key ({detail}): "
+            "whitelist this IP in the WEEX API settings",
             user_wide=True,
         )
     if code in TIMESTAMP_CODES:
