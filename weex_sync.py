@@ -622,6 +622,23 @@ def loads_exact(text: bytes | str) -> Any:
     return json.loads(text, parse_float=Decimal, parse_constant=reject)
 
 
+def to_json(value: Any) -> str:
+    """JSON text of a parsed answer; Decimals are written as the exact numbers they were read
+    as (the inverse of loads_exact), so the raw column keeps the fill exactly as sent."""
+    try:
+        return json.dumps(value)  # the C encoder; only Decimals need the slow path below
+    except TypeError:
+        pass
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, dict):
+        items = (f"{json.dumps(str(k))}:{to_json(v)}" for k, v in value.items())
+        return "{" + ",".join(items) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(to_json(v) for v in value) + "]"
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
 def classify_response(status: int, content: bytes) -> dict:
     """The page of an answer, or the right exception: HTTP status first, code second."""
     try:
@@ -673,7 +690,7 @@ class Fill(NamedTuple):
     size: Decimal
     fee: Decimal
     trade_time: int
-    raw: dict
+    raw: str  # the fill object as JSON text, encoded on the fetching thread
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -708,7 +725,7 @@ def parse_fill(obj: Any, symbol: str) -> Fill:
         if size <= 0:
             raise BadData(f"{where}: fillSize {size} is not positive; price is undefined")
         price = exact_quotient(value, size)
-    return Fill(trade_id, order_id, side, price, size, fee, trade_time, obj)
+    return Fill(trade_id, order_id, side, price, size, fee, trade_time, to_json(obj))
 
 
 def _id_field(obj: dict, name: str, where: str = "fill") -> str:
@@ -1106,22 +1123,6 @@ def load_cursor(conn: psycopg2.extensions.connection, user_id: str, symbol: str)
     return Cursor(*row) if row else None
 
 
-def to_json(value: Any) -> str:
-    """JSON text for a parsed fill; Decimals are written as the exact numbers they were read as."""
-    try:
-        return json.dumps(value)  # the C encoder; only Decimals need the slow path below
-    except TypeError:
-        pass
-    if isinstance(value, Decimal):
-        return str(value)
-    if isinstance(value, dict):
-        items = (f"{json.dumps(str(k))}:{to_json(v)}" for k, v in value.items())
-        return "{" + ",".join(items) + "}"
-    if isinstance(value, list):
-        return "[" + ",".join(to_json(v) for v in value) + "]"
-    raise TypeError(f"cannot encode {type(value).__name__}")
-
-
 def save_page(
     conn: psycopg2.extensions.connection,
     user_id: str,
@@ -1147,7 +1148,7 @@ def save_page(
                     [f.size for f in fills],
                     [f.fee for f in fills],
                     [f.trade_time for f in fills],
-                    [to_json(f.raw) for f in fills],
+                    [f.raw for f in fills],
                 ),
             )
             inserted = cur.rowcount
