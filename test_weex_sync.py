@@ -615,7 +615,18 @@ def test_weex_sync_works_when_copied_alone(harness: Harness, db: Database, sim, 
         text=True,
         env={"PATH": "/usr/bin:/bin"},
         timeout=60,
+        check=False,
     )
 
     assert result.returncode == 0, result.stderr
     assert stored_fills(db) == expected_fills("user1", sim.fills(account.api_key, BTC))
+
+
+def test_config_example_is_valid():
+    names = re.findall(r"\$\{(\w+)\}", (HERE / "config.yaml.example").read_text())
+    env = {name: f"value-of-{name}" for name in names}
+    cfg = weex_sync.load_config(str(HERE / "config.yaml.example"), env)
+    assert [u.user_id for u in cfg.sync.users] == ["user1", "user2"]
+    assert cfg.sync.users[1].symbols == ("cmt_btcusdt",)
+    assert cfg.sync.start_time == 1_704_067_200_000  # 2024-01-01T00:00:00Z
+    assert cfg.secrets() and all(s.startswith("value-of-") for s in cfg.secrets())
