@@ -1962,14 +1962,12 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         return EXIT_CONFIG
     redact = Redactor(cfg.secrets())
     setup_logging(args.log_level, redact, args.log_format, args.quiet)
-    if args.status:
+    if args.status or args.check:
         try:
-            return print_status(cfg, args.json)
+            return print_status(cfg, args.json) if args.status else run_check(cfg, users, redact)
         except (DatabaseUnavailable, psycopg2.Error) as exc:
             log.error("database unreachable: %s", redact(_first_line(exc)))
             return EXIT_DB_UNREACHABLE
-    if args.check:
-        return run_check(cfg, users, redact)
     loop_seconds = None
     if args.loop is not None:
         if args.loop == "interval":
