@@ -146,9 +146,8 @@ class Database:
 @pytest.fixture
 def db(test_db_name: str) -> Database:
     database = Database(test_db_name)
-    present = database.tables() & set(TABLES)
-    if present:
-        database.rows(f"TRUNCATE {', '.join(sorted(present))}")
+    weex_sync.ensure_schema(database.conn)  # so a test may poll the tables before a pass ran
+    database.rows(f"TRUNCATE {', '.join(TABLES)}")
     yield database
     database.close()
 
@@ -238,6 +237,7 @@ class Harness:
         self.sync: dict = {"start_time": START_MS - DAY_MS, "workers": 4}
         self.weex: dict = {"timeout_seconds": 2, "max_retries": 4}
         self.database: dict = {}
+        self.processes: list[subprocess.Popen] = []
 
     def config(self) -> dict:
         database = {"dbname": self.db_name, **PG, **self.database}
@@ -267,15 +267,26 @@ class Harness:
     def popen(self, *args: str, config: dict | None = None) -> subprocess.Popen:
         """weex_sync.py as its own process, the way cron runs it; stderr is captured."""
         path = self.write_config(config)
-        return subprocess.Popen(
+        process = subprocess.Popen(
             [sys.executable, str(HERE / "weex_sync.py"), "-c", str(path), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env={"PATH": os.environ.get("PATH", "")},
         )
+        self.processes.append(process)
+        return process
+
+    def kill_leftovers(self) -> None:
+        """A failed test must not leave a pass running into the next test's tables."""
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+            process.communicate()
 
 
 @pytest.fixture
 def harness(tmp_path: Path, sim: Simulator, test_db_name: str, db: Database, capsys) -> Harness:
-    return Harness(tmp_path, sim, test_db_name, capsys)
+    harness = Harness(tmp_path, sim, test_db_name, capsys)
+    yield harness
+    harness.kill_leftovers()

@@ -89,8 +89,8 @@ def test_kill_9_at_random_moments_of_a_backfill_then_one_clean_pass(
 def test_database_connection_dropped_mid_pass(harness: Harness, db: Database, sim):
     accounts = [make_account(sim, n) for n in (1, 2)]
     for account in accounts:
-        sim.generate_fills(account.api_key, BTC, 3000, start_ms=START_MS, end_ms=START_MS + DAY_MS)
-    sim.latency = 0.01
+        sim.generate_fills(account.api_key, BTC, 5000, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+    sim.latency = 0.02  # the pass lasts ~1 s, so it is still running when its backend dies
     harness.accounts = accounts
     harness.sync["workers"] = 2
 
@@ -172,7 +172,7 @@ def test_two_passes_started_at_once(harness: Harness, db: Database, sim):
             sim.generate_fills(
                 account.api_key, symbol, 800, start_ms=START_MS, end_ms=START_MS + DAY_MS
             )
-    sim.latency = 0.005
+    sim.latency = 0.02  # each pass lasts ~0.7 s, so the two really overlap
     harness.accounts = accounts
     harness.sync["symbols"] = [BTC, ETH]
     harness.sync["workers"] = 3
