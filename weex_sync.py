@@ -138,10 +138,10 @@ DB_ENV = {
     "sslmode": ("DB_SSLMODE",),
 }
 WEEX_ENV = {
-    "base_url": "WEEX_BASE_URL",
-    "api_key": "WEEX_API_KEY",
-    "secret_key": "WEEX_SECRET_KEY",
-    "passphrase": "WEEX_PASSPHRASE",
+    "base_url": ("WEEX_BASE_URL",),
+    "api_key": ("WEEX_API_KEY",),
+    "secret_key": ("WEEX_SECRET_KEY",),
+    "passphrase": ("WEEX_PASSPHRASE",),
 }
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _MISSING = object()
@@ -200,15 +200,16 @@ def _expand_env_refs(value: Any, path: str, environ: Mapping[str, str]) -> Any:
 
 
 def _apply_env_overrides(raw: dict, environ: Mapping[str, str]) -> None:
+    """The first set variable of each key's list wins over the file."""
     for section, env_map in (("database", DB_ENV), ("weex", WEEX_ENV)):
         for key, names in env_map.items():
-            for name in (names,) if isinstance(names, str) else names:
-                if environ.get(name):
-                    section_raw = raw.setdefault(section, {})
-                    if not isinstance(section_raw, dict):
-                        break
-                    section_raw[key] = environ[name]
-                    break
+            value = next((environ[n] for n in names if environ.get(n)), None)
+            if value is None:
+                continue
+            if raw.get(section) is None:
+                raw[section] = {}
+            if isinstance(raw[section], dict):  # otherwise validation reports the section
+                raw[section][key] = value
 
 
 def _join(path: str, key: Any) -> str:
@@ -351,7 +352,7 @@ def _default_user(weex_raw: dict, symbols: tuple[str, ...]) -> UserConfig:
     for key in ("api_key", "secret_key", "passphrase"):
         if not weex_raw.get(key):
             raise ConfigError(
-                f"weex.{key}: missing (set it, the {WEEX_ENV[key]} variable, or list sync.users)"
+                f"weex.{key}: missing (set it, the {WEEX_ENV[key][0]} variable, or list sync.users)"
             )
     return UserConfig(
         user_id="default",
