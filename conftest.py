@@ -37,6 +37,7 @@ TABLES = ("trade_fills", "sync_status", "sync_cursor")
 HERE = Path(__file__).resolve().parent
 START_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
 DAY_MS = 86_400_000
+SYMBOLS = ("cmt_btcusdt", "cmt_ethusdt")
 
 
 _pg_checked: list[bool] = []
@@ -250,6 +251,17 @@ class Harness:
                 **self.sync,
             },
         }
+
+    def fleet(self, users: int, fills: int, symbols: tuple[str, ...] = SYMBOLS) -> list[Account]:
+        """users accounts (user1..), each with `fills` fills per symbol over one day, configured."""
+        self.accounts = [make_account(self.sim, n, list(symbols)) for n in range(1, users + 1)]
+        for account in self.accounts:
+            for symbol in symbols:
+                self.sim.generate_fills(
+                    account.api_key, symbol, fills, start_ms=START_MS, end_ms=START_MS + DAY_MS
+                )
+        self.sync["symbols"] = list(symbols)
+        return self.accounts
 
     def write_config(self, data: dict | None = None) -> Path:
         path = self.tmp_path / "config.yaml"

@@ -115,12 +115,7 @@ def test_database_connection_dropped_mid_pass(harness: Harness, db: Database, si
 
 
 def test_twenty_percent_of_requests_fail_in_every_way(harness: Harness, db: Database, sim):
-    accounts = [make_account(sim, n, [BTC, ETH]) for n in (1, 2, 3)]
-    for account in accounts:
-        for symbol in (BTC, ETH):
-            sim.generate_fills(
-                account.api_key, symbol, 3000, start_ms=START_MS, end_ms=START_MS + DAY_MS
-            )
+    accounts = harness.fleet(3, fills=3000)
     sim.faults = {  # 20 % of requests in all
         "429": 0.04,
         "500": 0.03,
@@ -166,15 +161,8 @@ def sim_faults(sim) -> dict[str, int]:
 
 
 def test_two_passes_started_at_once(harness: Harness, db: Database, sim):
-    accounts = [make_account(sim, n, [BTC, ETH]) for n in (1, 2, 3)]
-    for account in accounts:
-        for symbol in (BTC, ETH):
-            sim.generate_fills(
-                account.api_key, symbol, 800, start_ms=START_MS, end_ms=START_MS + DAY_MS
-            )
+    accounts = harness.fleet(3, fills=800)
     sim.latency = 0.02  # each pass lasts ~0.7 s, so the two really overlap
-    harness.accounts = accounts
-    harness.sync["symbols"] = [BTC, ETH]
     harness.sync["workers"] = 3
 
     first, second = harness.popen("--once"), harness.popen("--once")

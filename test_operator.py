@@ -11,18 +11,6 @@ from conftest import DAY_MS, START_MS, Database, Harness, expected_fills, make_a
 BTC, ETH = "cmt_btcusdt", "cmt_ethusdt"
 
 
-def two_users(harness: Harness, sim, fills: int = 120) -> list:
-    accounts = [make_account(sim, n, [BTC, ETH]) for n in (1, 2)]
-    for account in accounts:
-        for symbol in (BTC, ETH):
-            sim.generate_fills(
-                account.api_key, symbol, fills, start_ms=START_MS, end_ms=START_MS + DAY_MS
-            )
-    harness.accounts = accounts
-    harness.sync["symbols"] = [BTC, ETH]
-    return accounts
-
-
 def run(harness: Harness, *args: str) -> tuple[int, str, str]:
     path = harness.write_config()
     code = weex_sync.main(["-c", str(path), *args], environ={})
@@ -31,7 +19,7 @@ def run(harness: Harness, *args: str) -> tuple[int, str, str]:
 
 
 def test_check_reports_credentials_and_last_sync_per_user(harness: Harness, db: Database, sim):
-    accounts = two_users(harness, sim)
+    accounts = harness.fleet(2, fills=120)
     assert harness.run("--user", "user1") == 0
     sim.reset_stats()
 
@@ -55,7 +43,7 @@ def test_check_reports_credentials_and_last_sync_per_user(harness: Harness, db: 
 
 
 def test_dry_run_fetches_and_counts_but_writes_nothing(harness: Harness, db: Database, sim):
-    accounts = two_users(harness, sim, fills=150)
+    accounts = harness.fleet(2, fills=150)
     code, _, err = run(harness, "--dry-run")
     assert code == 0
     assert db.scalar("SELECT count(*) FROM trade_fills") == 0
@@ -80,7 +68,7 @@ def test_dry_run_fetches_and_counts_but_writes_nothing(harness: Harness, db: Dat
 
 
 def test_status_prints_latest_row_per_pair_as_table_and_json(harness: Harness, db: Database, sim):
-    accounts = two_users(harness, sim)
+    accounts = harness.fleet(2, fills=120)
     assert harness.run() == 0
     accounts[1].secret_key = "wrong"
     assert harness.run() == 1
@@ -145,7 +133,7 @@ def test_since_until_rescan_repairs_a_range_without_moving_the_cursor(
 
 
 def test_json_log_lines_parse_and_carry_counts(harness: Harness, db: Database, sim):
-    two_users(harness, sim)
+    harness.fleet(2, fills=120)
     code, _, err = run(harness, "--log-format", "json")
     assert code == 0
     entries = [json.loads(line) for line in err.splitlines()]
@@ -165,7 +153,7 @@ def test_json_log_lines_parse_and_carry_counts(harness: Harness, db: Database, s
 def test_quiet_prints_only_the_summary_unless_something_is_wrong(
     harness: Harness, db: Database, sim
 ):
-    accounts = two_users(harness, sim)
+    accounts = harness.fleet(2, fills=120)
     code, _, err = run(harness, "-q")
     assert code == 0
     lines = err.strip().splitlines()

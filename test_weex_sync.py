@@ -173,15 +173,8 @@ def test_unreachable_fills_in_one_millisecond_are_an_error_never_a_skip(
 
 
 def test_one_users_bad_credentials_do_not_stop_the_others(harness: Harness, db: Database, sim):
-    accounts = [make_account(sim, n, [BTC, ETH]) for n in (1, 2, 3)]
-    for account in accounts:
-        for symbol in (BTC, ETH):
-            sim.generate_fills(
-                account.api_key, symbol, 120, start_ms=START_MS, end_ms=START_MS + DAY_MS
-            )
+    accounts = harness.fleet(3, fills=120)
     accounts[1].secret_key = "wrong-" + accounts[1].secret_key
-    harness.accounts = accounts
-    harness.sync["symbols"] = [BTC, ETH]
 
     assert harness.run() == 1
 
@@ -461,14 +454,7 @@ def test_single_default_user_from_weex_environment(harness: Harness, db: Databas
 
 
 def test_user_and_symbol_options_restrict_the_pass(harness: Harness, db: Database, sim):
-    accounts = [make_account(sim, n, [BTC, ETH]) for n in (1, 2)]
-    for account in accounts:
-        for symbol in (BTC, ETH):
-            sim.generate_fills(
-                account.api_key, symbol, 5, start_ms=START_MS, end_ms=START_MS + DAY_MS
-            )
-    harness.accounts = accounts
-    harness.sync["symbols"] = [BTC, ETH]
+    harness.fleet(2, fills=5)
 
     assert harness.run("--user", "user2", "--symbol", ETH) == 0
     assert db.rows("SELECT DISTINCT user_id, symbol FROM trade_fills") == [("user2", ETH)]
