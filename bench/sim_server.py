@@ -4,12 +4,14 @@ The benchmark runs the simulator here, not in the measured process, so that serv
 not compete with the client for the GIL. Protocol (one JSON object per line):
 
 * first line in: the spec, ``{"seed": 1, "symbols": [...], "accounts": [{"api_key": ...,
-  "secret_key": ..., "passphrase": ..., "fills": {"<symbol>": <count>}}], "start_ms": ...,
-  "end_ms": ..., "latency": 0.0, "uid_limit": [500, 10] | null, "ip_limit": null}``;
+  "secret_key": ..., "passphrase": ..., "fills": {"<symbol>": <count>},
+  "visible_delay_ms": 0 (optional)}], "start_ms": ..., "end_ms": ..., "latency": 0.0,
+  "uid_limit": [500, 10] | null, "ip_limit": null}``, plus optionally any other settable
+  attribute (see SETTABLE);
   first line out: ``{"base_url": ..., "setup_seconds": ...}`` once serving;
 * then commands in, one answer out each: ``{"cmd": "set", <attribute>: value, ...}``,
   ``{"cmd": "reset_stats"}``, ``{"cmd": "stats"}`` (request counts, accepted fills requests'
-  arrival times, the simulator's clock and CPU time), ``{"cmd": "quit"}``.
+  arrival times on both API versions, the simulator's clock and CPU time), ``{"cmd": "quit"}``.
 
 Run by run_bench.py with PYTHONPATH pointing at the project, so ``weex_sim`` imports.
 """
@@ -22,9 +24,18 @@ import sys
 import time
 from collections import Counter
 
-from weex_sim import FILLS_PATH, Simulator
+from weex_sim import FILLS_PATHS, Simulator
 
-SETTABLE = {"latency", "uid_limit", "ip_limit"}
+SETTABLE = {
+    "latency",
+    "uid_limit",
+    "ip_limit",
+    "order",
+    "max_span_ms",
+    "horizon_ms",
+    "shuffle_pages",
+}
+FILLS = set(FILLS_PATHS.values())  # the fills endpoints of v2 and v3
 
 
 def build(spec: dict) -> Simulator:
@@ -39,6 +50,7 @@ def build(spec: dict) -> Simulator:
                     count,
                     start_ms=spec["start_ms"],
                     end_ms=spec["end_ms"],
+                    visible_delay_ms=account.get("visible_delay_ms", 0),
                 )
     apply_settings(sim, spec)
     return sim
@@ -55,10 +67,8 @@ def stats(sim: Simulator) -> dict:
     by_status = Counter(f"{r['path']} {r['status']}" for r in records)
     return {
         "by_status": dict(by_status),
-        "fills_requests": sum(r["path"] == FILLS_PATH for r in records),
-        "fills_ok_times": [
-            r["t"] for r in records if r["path"] == FILLS_PATH and r["status"] == 200
-        ],
+        "fills_requests": sum(r["path"] in FILLS for r in records),
+        "fills_ok_times": [r["t"] for r in records if r["path"] in FILLS and r["status"] == 200],
         "status_429": sum(r["status"] == 429 for r in records),
         "monotonic": time.monotonic(),
         "cpu_seconds": cpu_seconds(),
@@ -81,8 +91,12 @@ def main() -> int:
         if name == "quit":
             break
         if name == "set":
-            apply_settings(sim, command)
-            reply({"ok": True})
+            try:
+                apply_settings(sim, command)
+            except ValueError as error:  # e.g. an order other than newest/oldest
+                reply({"error": str(error)})
+            else:
+                reply({"ok": True})
         elif name == "reset_stats":
             sim.reset_stats()
             reply({"ok": True, "cpu_seconds": cpu_seconds()})
