@@ -209,6 +209,26 @@ def test_sigterm_during_loop_commits_and_exits_0(harness: Harness, db: Database,
     assert stored_fills(db) == harness.expected(account, BTC)
 
 
+def test_sigterm_during_a_long_retry_after_wait_exits_at_once(harness: Harness, db: Database, sim):
+    account = make_account(sim, 1)
+    sim.generate_fills(account.api_key, BTC, 10, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+    sim.faults = {"429": 1.0}
+    sim.retry_after = 3600  # capped at 60 s by the client; still far longer than we wait
+    harness.accounts = [account]
+
+    process = harness.popen("--once")
+    wait_for(lambda: sim.count(status=429) >= 1)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    code, err = finish(process, timeout=15)
+
+    assert code == 0, err
+    assert time.monotonic() - sent < 3
+    assert "interrupted" in err
+    assert sim.count(status=429) == 1  # no second attempt while it waited
+
+
 # --- hostile data ------------------------------------------------------------------------------
 
 

@@ -275,6 +275,30 @@ def test_switching_from_v2_to_v3_keeps_one_series(harness: Harness, db: Database
     assert db.status()[-1]["records_count"] == 0 and db.status()[-1]["status"] == "success"
 
 
+def test_v3_history_starts_at_the_exchange_horizon_with_one_info_line(
+    harness: Harness, db: Database, sim
+):
+    account = make_account(sim, 1)
+    now = now_ms()
+    sim.generate_fills(
+        account.api_key, BTC, 50, start_ms=now - 400 * DAY_MS, end_ms=now - 370 * DAY_MS
+    )
+    sim.generate_fills(
+        account.api_key, BTC, 80, start_ms=now - 360 * DAY_MS, end_ms=now - 300 * DAY_MS
+    )
+    harness.accounts = [account]
+    del harness.sync["start_time"]  # the default: everything the exchange keeps
+
+    assert harness.run() == 0
+    assert harness.last_log.count("365-day horizon") == 1
+    assert sim.count(status=400) == 0  # never asked beyond it (error -1170)
+    kept = {row for row in harness.expected(account, BTC) if row[8] > now - 365 * DAY_MS}
+    assert len(kept) == 80 and stored_fills(db) == kept
+
+    assert harness.run() == 0
+    assert "horizon" not in harness.last_log  # the cursor is past it now: no line every pass
+
+
 @all_apis
 def test_one_users_bad_credentials_do_not_stop_the_others(harness: Harness, db: Database, sim):
     accounts = harness.fleet(3, fills=120)

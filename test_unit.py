@@ -1,0 +1,353 @@
+"""Fast unit tests: no database, no HTTP (``pytest -m unit`` runs them in about a second).
+
+Pure pieces of weex_sync: response classification (both API versions), the walk against an
+in-memory exchange in both sort orders, the cursor it commits, windows, the rate limiter,
+batching and prefetching, and parsing of hostile values.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from decimal import Decimal
+
+import pytest
+
+import weex_sync
+from weex_sync import V2, V3, Cursor
+
+pytestmark = pytest.mark.unit
+DAY = 86_400_000
+
+
+# --- classification -----------------------------------------------------------------------
+
+
+def body(code, msg="text") -> bytes:
+    return json.dumps({"code": code, "msg": msg}).encode()
+
+
+CLASSIFICATION = [
+    # (api, HTTP status, body, exception, words in its message)
+    (V2, 400, body("40005"), weex_sync._ClockRejected, ""),
+    (V2, 400, body("40008"), weex_sync._ClockRejected, ""),
+    (V2, 401, body("40006"), weex_sync.CredentialsError, "credentials rejected"),
+    (V2, 400, body("40009"), weex_sync.CredentialsError, "credentials rejected"),
+    (V2, 401, body("40011"), weex_sync.CredentialsError, "passphrase"),
+    (V2, 400, body("40012"), weex_sync.CredentialsError, "credentials rejected"),
+    (V2, 400, body("40018"), weex_sync.AccessDenied, "whitelist this IP"),
+    (V2, 521, body("521"), weex_sync.AccessDenied, "whitelist this IP"),
+    (V2, 400, body("40034"), weex_sync.SymbolRejected, "check sync.symbols"),
+    (V2, 400, body("40017"), weex_sync.SymbolRejected, "bug in weex_sync"),
+    (V2, 200, body("50001"), weex_sync._Transient, "exchange answered HTTP 200"),
+    (V3, 400, body(-1043), weex_sync._ClockRejected, ""),
+    (V3, 400, body(-1046), weex_sync._ClockRejected, ""),
+    (V3, 401, body(-1041), weex_sync.CredentialsError, "credentials rejected"),
+    (V3, 401, body(-1044), weex_sync.CredentialsError, "credentials rejected"),
+    (V3, 403, body(-1052), weex_sync.AccessDenied, "read permission"),
+    (V3, 403, body(-1190), weex_sync.AccessDenied, "not permitted"),
+    (V3, 403, body(-1056), weex_sync.AccessDenied, "whitelist this IP"),
+    (V3, 400, body(-1121), weex_sync.SymbolRejected, "check sync.symbols"),
+    (V3, 400, body(-3235), weex_sync.SymbolRejected, "check sync.symbols"),
+    (V3, 400, body(-1140), weex_sync.SymbolRejected, "bug in weex_sync"),
+    (V3, 400, body(-1170), weex_sync.SymbolRejected, "bug in weex_sync"),
+    (V3, 500, body(-1054), weex_sync._Transient, "busy"),
+    (V3, 200, body(-1000), weex_sync._Transient, "busy"),
+    (V3, 200, body("anything"), weex_sync._Transient, "exchange answered HTTP 200"),
+    # HTTP status decides when the code is unknown
+    (V3, 429, b"{}", weex_sync._Transient, "HTTP 429"),
+    (V3, 502, b"<html>Bad Gateway</html>", weex_sync._Transient, "HTTP 502"),
+    (V2, 503, b"", weex_sync._Transient, "HTTP 503"),
+    (V3, 401, b"{}", weex_sync.CredentialsError, "credentials rejected"),
+    (V3, 403, b"{}", weex_sync.AccessDenied, "not permitted"),
+    (V3, 400, b"{}", weex_sync.SymbolRejected, "request rejected"),
+    (V3, 418, b"{}", weex_sync.ExchangeError, "unexpected answer"),
+    (V3, 302, b"", weex_sync.ExchangeError, "not followed"),
+    (V3, 200, b"not json", weex_sync._Transient, "not JSON"),
+    (V3, 200, b"[" * 100_000, weex_sync._Transient, "not JSON"),  # nesting: RecursionError
+]
+
+
+@pytest.mark.parametrize(("api", "status", "content", "error", "words"), CLASSIFICATION)
+def test_responses_are_classified_per_the_table(api, status, content, error, words):
+    with pytest.raises(error) as raised:
+        weex_sync.classify_response(api, status, content, None, str)
+    assert words in str(raised.value)
+    if isinstance(raised.value, weex_sync.SyncError):
+        user_wide = error in (weex_sync.CredentialsError, weex_sync.AccessDenied)
+        assert raised.value.user_wide == user_wide
+
+
+def test_success_answers_pass_through():
+    assert weex_sync.classify_response(V3, 200, b"[]", None, str) == []
+    v2 = {"list": [], "nextFlag": False, "totals": 0}
+    assert weex_sync.classify_response(V2, 200, json.dumps(v2).encode(), None, str) == v2
+    success = {"code": "00000", "list": [], "nextFlag": False}
+    assert weex_sync.classify_response(V2, 200, json.dumps(success).encode(), None, str) == success
+
+
+def test_retry_after_is_honoured_and_capped():
+    with pytest.raises(weex_sync._Transient) as raised:
+        weex_sync.classify_response(V3, 429, b"", "3600", str)
+    assert raised.value.retry_after == weex_sync.RETRY_AFTER_CAP_SECONDS
+    assert raised.value.rate_limited
+    with pytest.raises(weex_sync._Transient) as raised:
+        weex_sync.classify_response(V3, 503, b"", "2", str)
+    assert raised.value.retry_after == 2
+    with pytest.raises(weex_sync._Transient) as raised:
+        weex_sync.classify_response(V3, 503, b"", "Wed, 21 Oct 2015 07:28:00 GMT", str)
+    assert raised.value.retry_after is None  # not a number: our own backoff
+
+
+def test_the_message_is_scrubbed_before_it_is_cut():
+    secret = "PASSPHRASE-0123456789"
+    msg = "x" * 190 + secret + "\nforged line"
+    with pytest.raises(weex_sync.SymbolRejected) as raised:
+        weex_sync.classify_response(V3, 400, body(-1121, msg), None, weex_sync.Redactor([secret]))
+    text = str(raised.value)
+    assert "PASSPH" not in text and "***" in text
+    assert "\n" not in text and "***\\x0a" in text
+
+
+# --- the walk against an in-memory exchange --------------------------------------------------
+
+
+class FakeExchange:
+    """Answers get_fills like the API version would, from a list of fills."""
+
+    def __init__(self, api, fills: list[dict], newest_first: bool, shuffle: bool = False):
+        self.api = api
+        self.newest_first = api.newest_first
+        self.fills = fills
+        self.order_newest = newest_first
+        self.shuffle = shuffle
+        self.requests = 0
+        self.user = weex_sync.UserConfig("u", "k", "s", "p")
+
+    def get_fills(self, scope, start, end, limit, order_id):
+        self.requests += 1
+        rows = [
+            f
+            for f in self.fills
+            if start <= f["time"] <= end and (order_id is None or str(f["orderId"]) == order_id)
+        ]
+        rows.sort(key=lambda f: (f["time"], f["id"]), reverse=self.order_newest)
+        page = rows[:limit]
+        if self.shuffle:
+            random.Random(self.requests).shuffle(page)
+        if self.api.version == 3:
+            return page
+        v2 = [self._as_v2(f) for f in page]
+        return {"list": v2, "nextFlag": len(rows) > limit, "totals": len(rows)}
+
+    @staticmethod
+    def _as_v2(f: dict) -> dict:
+        return {
+            "tradeId": f["id"],
+            "orderId": f["orderId"],
+            "symbol": "cmt_btcusdt",
+            "orderSide": f["side"],
+            "fillSize": f["qty"],
+            "fillValue": str(Decimal(f["qty"]) * Decimal(f["price"])),
+            "fillFee": f["commission"],
+            "createdTime": f["time"],
+        }
+
+
+def v3_fill(n: int, ms: int, order: int | None = None) -> dict:
+    return {
+        "id": n,
+        "orderId": order if order is not None else 10_000 + n // 3,
+        "symbol": "BTCUSDT",
+        "side": "BUY",
+        "price": "100",
+        "qty": "0.5",
+        "commission": "0.01",
+        "commissionAsset": "USDT",
+        "time": ms,
+    }
+
+
+def history(n: int, start: int, span: int, seed: int = 1) -> list[dict]:
+    rng = random.Random(seed)
+    times = sorted(rng.randint(start, start + span) for _ in range(n))
+    return [v3_fill(i, t) for i, t in enumerate(times)]
+
+
+def walk_all(exchange, start, end, settle=None, cursor=None):
+    cursor = cursor or Cursor(start)
+    batches = list(
+        weex_sync.walk(exchange, "cmt_btcusdt", cursor, end, end if settle is None else settle, 100)
+    )
+    return batches, {f.trade_id for b in batches for f in b.fills}
+
+
+ORDERS = [
+    pytest.param(V3, True, False, id="v3-newest"),
+    pytest.param(V3, False, False, id="v3-oldest"),
+    pytest.param(V3, True, True, id="v3-unsorted"),
+    pytest.param(V2, True, False, id="v2"),
+]
+
+
+@pytest.mark.parametrize(("api", "newest_first", "shuffle"), ORDERS)
+def test_the_walk_finds_every_fill_in_any_order_with_near_minimal_requests(
+    api, newest_first, shuffle
+):
+    start = 1_700_000_000_000
+    fills = history(2500, start, 40 * DAY)
+    for i in range(130):  # a burst: 130 fills of 2 orders in one millisecond
+        fills.append(v3_fill(100_000 + i, start + 3 * DAY + 5, order=7 + i % 2))
+    exchange = FakeExchange(api, fills, newest_first, shuffle)
+
+    batches, found = walk_all(exchange, start, start + 41 * DAY)
+
+    assert found == {str(f["id"]) for f in fills}
+    assert sum(len(b.fills) for b in batches) == len(fills)  # none twice
+    span = api.max_span_ms
+    windows = list(weex_sync.windows(start, start + 41 * DAY, span))
+    minimum = sum(
+        max(1, -(-sum(lo <= f["time"] <= hi for f in fills) // 100)) for lo, hi in windows
+    )
+    if shuffle:  # an unsorted page leaves both of its sides to read
+        assert exchange.requests <= 2.2 * minimum
+    else:
+        assert minimum <= exchange.requests <= minimum * 1.05 + 4
+    end = start + 41 * DAY
+    assert batches[-1].done and batches[-1].cursor == Cursor(end, last_end=end)
+
+
+@pytest.mark.parametrize(("api", "newest_first", "shuffle"), ORDERS)
+def test_every_batch_cursor_owes_exactly_what_is_not_yet_read(api, newest_first, shuffle):
+    """Stop after any batch and resume from its cursor: the rest of the walk finds exactly
+    the fills not yet stored (crash safety, without a database)."""
+    start = 1_700_000_000_000
+    fills = history(900, start, 20 * DAY, seed=3)
+    end, settle = start + 20 * DAY, start + 20 * DAY - 120_000
+    batches, _ = walk_all(FakeExchange(api, fills, newest_first, shuffle), start, end, settle)
+    stored: set[str] = set()
+    for batch in batches:
+        stored |= {f.trade_id for f in batch.fills}
+        _, found = walk_all(
+            FakeExchange(api, fills, newest_first, shuffle), start, end, settle, batch.cursor
+        )
+        assert stored | found == {str(f["id"]) for f in fills}
+    assert batches[-1].cursor == Cursor(settle, last_end=end)
+
+
+def test_the_cursor_during_a_window_names_the_owed_range_and_the_target():
+    owed = [(10, 50, frozenset()), (70, 90, frozenset())]
+    assert weex_sync.cursor_while_owing(owed, 100, 5) == Cursor(10, 90, 100, 5)
+
+
+def test_windows_cover_the_range_once_in_spans():
+    assert list(weex_sync.windows(0, 25, 9)) == [(0, 9), (10, 19), (20, 25)]
+    assert list(weex_sync.windows(5, 5, 9)) == [(5, 5)]
+    assert list(weex_sync.windows(6, 5, 9)) == []
+    assert list(weex_sync.windows(0, 10**12, None)) == [(0, 10**12)]
+
+
+def test_the_served_order_is_read_off_the_page():
+    assert weex_sync.served_newest_first([5, 4, 4, 1]) is True
+    assert weex_sync.served_newest_first([1, 4, 4, 5]) is False
+    assert weex_sync.served_newest_first([1, 5, 4]) is None
+
+
+# --- concurrency -------------------------------------------------------------------------------
+
+
+def batch(n: int, done: bool = False) -> weex_sync.Batch:
+    return weex_sync.Batch([n], Cursor(n), done)
+
+
+def test_batched_stores_the_good_pages_before_an_error_surfaces():
+    def pages():
+        yield batch(1)
+        yield batch(2)
+        raise weex_sync.BadData("page 3 is bad")
+
+    out: list[weex_sync.Batch] = []
+    with pytest.raises(weex_sync.BadData):
+        out.extend(weex_sync.batched(pages(), lambda: False))
+    assert [(b.fills, b.cursor, b.done) for b in out] == [([1, 2], Cursor(2), False)]
+
+
+def test_prefetch_reraises_in_the_consumer_and_never_outlives_its_block():
+    stop = weex_sync.Stop()
+
+    def items():
+        yield 1
+        raise weex_sync.ExchangeError("boom")
+
+    got = []
+    with pytest.raises(weex_sync.ExchangeError), weex_sync.prefetch(items(), stop) as it:
+        got += it
+    assert got == [1]
+    assert not [t for t in threading.enumerate() if t.name == "weex-prefetch"]
+
+    def endless():
+        n = 0
+        while not stop2.wait(0.01):
+            n += 1
+            yield n
+
+    stop2 = weex_sync.Stop()
+    with weex_sync.prefetch(endless(), stop2) as it:
+        assert next(it) == 1
+    assert stop2.is_set()
+    assert not [t for t in threading.enumerate() if t.name == "weex-prefetch"]
+
+
+def test_a_stop_wakes_a_child_stop_waiting_on_it():
+    parent = weex_sync.Stop()
+    child = weex_sync.Stop(parent)
+    threading.Timer(0.05, parent.set).start()
+    began = time.monotonic()
+    assert child.wait(10) is True
+    assert time.monotonic() - began < 1
+
+
+# --- rate limiter --------------------------------------------------------------------------
+
+
+def limiter(tmp_path=None, ip=50, uid=20) -> weex_sync.RateLimiter:
+    cfg = weex_sync.RateLimitConfig(
+        uid_weight=uid,
+        ip_weight=ip,
+        window_seconds=0.2,
+        shared_file=str(tmp_path / "budget") if tmp_path else "",
+    )
+    return weex_sync.RateLimiter(cfg, "host", margin=0.0)
+
+
+def test_the_limiter_admits_the_budget_then_waits_for_the_window():
+    budget = limiter(uid=20)
+    stop = weex_sync.Stop()
+    began = time.monotonic()
+    for _ in range(4):
+        budget.acquire("key", 5, stop)
+    assert time.monotonic() - began < 0.1  # 20 of 20: no wait
+    budget.acquire("key", 5, stop)
+    assert time.monotonic() - began >= 0.18  # the 5th waited for the window to roll
+
+
+def test_the_ip_budget_is_shared_by_limiters_of_one_file(tmp_path):
+    first, second = limiter(tmp_path, ip=20, uid=100), limiter(tmp_path, ip=20, uid=100)
+    stop = weex_sync.Stop()
+    began = time.monotonic()
+    for n in range(4):
+        (first if n % 2 else second).acquire(f"key{n}", 5, stop)
+    assert time.monotonic() - began < 0.1
+    second.acquire("other", 5, stop)  # the file knows the first limiter's requests
+    assert time.monotonic() - began >= 0.18
+
+
+def test_a_stop_interrupts_a_limiter_wait():
+    budget = limiter(uid=5)
+    stop = weex_sync.Stop()
+    budget.acquire("key", 5, stop)
+    stop.set()
+    with pytest.raises(weex_sync.Interrupted):
+        budget.acquire("key", 5, stop)
