@@ -370,3 +370,26 @@ def harness(
     harness = Harness(tmp_path, sim, api, pg, test_db_name, capsys)
     yield harness
     harness.kill_leftovers()
+
+
+# --- helpers for tests that run weex_sync as its own process -------------------------------
+
+
+def wait_for(condition, timeout: float = 20.0, every: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(every)
+
+
+def weex_sync_backends(db: Database) -> int:
+    return db.scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'weex_sync'"
+        " AND datname = current_database()"
+    )
+
+
+def finish(process, timeout: float = 60.0) -> tuple[int, str]:
+    _, err = process.communicate(timeout=timeout)
+    return process.returncode, err

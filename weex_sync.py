@@ -2413,7 +2413,12 @@ def walk_and_store(
         settle, late_before = end, None
     else:
         cursor = store.load_cursor(outcome.user_id, outcome.symbol) or Cursor(sync.start_time)
-        settle, late_before = end - sync.lookback_seconds * SECOND_MS, cursor.last_end
+        lookback = sync.lookback_seconds * SECOND_MS
+        if cursor.walk_end is None and cursor.last_end is not None:  # a longer lookback counts now
+            cursor = replace(
+                cursor, synced_through=min(cursor.synced_through, cursor.last_end - lookback)
+            )
+        settle, late_before = end - lookback, cursor.last_end
     cursor = clamp_to_horizon(cursor, end, client.api, outcome.name)
     if cursor.walk_end is not None:
         log.info(

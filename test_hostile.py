@@ -1,0 +1,1150 @@
+"""Issue 9: a hostile exchange. An outside tester attacked weex_sync with a hand-written exchange
+and broke thirteen promises; each test below is one of them, asserting what a user relies on:
+rows in PostgreSQL, sync_status rows, exit codes, log lines and bounded timings.
+
+The exchange here is not weex_sim: it is a bare ThreadingHTTPServer whose answers each test
+programs (any status, bytes and headers; trickled, stalled or dropped bodies; redirects; gzip
+bombs; huge bodies), answering v2 or v3 by path. weex_sync runs in-process (``Runner.run``) or as
+its own process (``Runner.popen``) where a test needs signals, --loop, its peak RSS or races.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import psycopg2
+import pytest
+import yaml
+
+import weex_sync
+from conftest import BTC, DAY_MS, ETH, START_MS, Database, database_exists
+
+pytestmark = pytest.mark.faults
+
+SCRIPT = Path(weex_sync.__file__).resolve()
+API_VERSION = 3  # what a test speaks unless it is parametrized over both versions
+both_versions = pytest.mark.parametrize("version", [2, 3], ids=["v2", "v3"])
+FILLS_PATHS = {"/capi/v2/order/fills": 2, "/capi/v3/userTrades": 3}
+TIME_PATHS = {"/capi/v2/market/time": 2, "/capi/v3/market/time": 3}
+FAR_FUTURE = 99_999_999_999_999
+LOG_LINE_RE = re.compile(
+    r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: "
+)
+# error codes of each version, by meaning (see ../shared/weex-api.md)
+SYMBOL_CODE = {2: "40034", 3: -1121}
+CLOCK_CODE = {2: "40005", 3: -1043}
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def dumps(value: Any) -> str:
+    """JSON text in which a Decimal is written as the JSON number it is (1E-999999999)."""
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{json.dumps(k)}:{dumps(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(dumps(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+# --- the hostile exchange -----------------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    path: str
+    params: dict[str, str]
+    headers: dict[str, str]  # names in lower case
+    at_ms: int
+
+    @property
+    def version(self) -> int:
+        return 2 if self.path.startswith("/capi/v2/") else 3
+
+    @property
+    def key(self) -> str | None:
+        return self.headers.get("access-key")
+
+    @property
+    def is_fills(self) -> bool:
+        return self.path in FILLS_PATHS
+
+
+@dataclass
+class Reply:
+    """What the exchange answers. ``body``: bytes as sent, anything else as JSON. At most one of
+    trickle (seconds between the body's bytes), stall (headers, then nothing until the server
+    stops) and drop_after (the whole body's Content-Length, this many bytes, then close)."""
+
+    status: int = 200
+    body: Any = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    trickle: float | None = None
+    stall: bool = False
+    drop_after: int | None = None
+
+    def payload(self) -> bytes:
+        if isinstance(self.body, bytes):
+            return self.body
+        return dumps(self.body).encode()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self.server.exchange.serve(self)  # type: ignore[attr-defined]
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class HostileExchange:
+    """An HTTP server on 127.0.0.1 whose answers the test programs: ``app(request)`` first (None:
+    go on), then ``fills(request)`` for the fills paths of either version; the time endpoints
+    answer the time unless ``app`` says otherwise. Every request is recorded."""
+
+    def __init__(self) -> None:
+        self.app: Callable[[Request], Reply | None] = lambda request: None
+        self.fills: Callable[[Request], Reply] = lambda request: answer(request, [])
+        self.requests: list[Request] = []
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.server.daemon_threads = True
+        self.server.exchange = self  # type: ignore[attr-defined]
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    @property
+    def base_url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> HostileExchange:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()  # wakes every trickling or stalled handler
+        self.server.shutdown()
+        self.server.server_close()
+
+    def fills_requests(self, key: str | None = None) -> list[Request]:
+        with self._lock:
+            return [r for r in self.requests if r.is_fills and (key is None or r.key == key)]
+
+    def serve(self, handler: BaseHTTPRequestHandler) -> None:
+        url = urlsplit(handler.path)
+        request = Request(
+            url.path,
+            dict(parse_qsl(url.query)),
+            {k.lower(): v for k, v in handler.headers.items()},
+            now_ms(),
+        )
+        with self._lock:
+            self.requests.append(request)
+        reply = self.app(request)
+        if reply is None:
+            if request.path in TIME_PATHS:
+                name = "timestamp" if request.version == 2 else "serverTime"
+                reply = Reply(body={name: now_ms()})
+            elif request.is_fills:
+                reply = self.fills(request)
+            else:
+                reply = Reply(404, {"code": "404", "msg": "no such path"})
+        try:
+            self._send(handler, reply)
+        except OSError:  # the client went away: that is its right
+            handler.close_connection = True
+
+    def _send(self, handler: BaseHTTPRequestHandler, reply: Reply) -> None:
+        body = reply.payload()
+        handler.send_response(reply.status)
+        headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+        for name, value in {**headers, **reply.headers}.items():
+            handler.send_header(name, value)
+        handler.end_headers()
+        if reply.stall:
+            self.stopping.wait()
+            handler.close_connection = True
+        elif reply.trickle is not None:
+            for byte in body:
+                if self.stopping.wait(reply.trickle):
+                    break
+                handler.wfile.write(bytes([byte]))
+            handler.close_connection = True
+        elif reply.drop_after is not None:
+            handler.wfile.write(body[: reply.drop_after])
+            handler.close_connection = True
+        else:
+            handler.wfile.write(body)
+
+
+def fill_time(fill: dict) -> int:
+    return int(fill["createdTime"] if "createdTime" in fill else fill["time"])
+
+
+def same_contract(a: Any, b: str) -> bool:
+    return isinstance(a, str) and a.lower().removeprefix("cmt_") == b.lower().removeprefix("cmt_")
+
+
+def answer(request: Request, fills: list[dict], always: tuple | list = ()) -> Reply:
+    """A faithful exchange's answer in the request's version: ``fills`` filtered by symbol,
+    orderId, startTime and endTime (no endTime: no upper bound), newest first, at most
+    ``limit``; ``always`` fills are in every answer whatever was asked (hostile ones)."""
+    params = request.params
+    low = int(params.get("startTime", 0))
+    high = int(params["endTime"]) if "endTime" in params else None
+    matching = [
+        f
+        for f in fills
+        if ("symbol" not in params or same_contract(f["symbol"], params["symbol"]))
+        and ("orderId" not in params or str(f["orderId"]) == params["orderId"])
+        and low <= fill_time(f)
+        and (high is None or fill_time(f) <= high)
+    ]
+    matching = [*always, *sorted(matching, key=fill_time, reverse=True)]
+    limit = int(params.get("limit", 100))
+    page = matching[:limit]
+    if request.version == 2:
+        return Reply(body={"list": page, "nextFlag": len(matching) > limit, "totals": len(page)})
+    return Reply(body=page)
+
+
+def error_reply(request: Request, codes: dict, msg: str, status: int = 400) -> Reply:
+    """An exchange error body of the request's version."""
+    return Reply(status, {"code": codes[request.version], "msg": msg})
+
+
+def contract_in(version: int, contract: str) -> str:
+    return contract if version == 2 else contract.removeprefix("cmt_").upper()
+
+
+def make_fill(version: int, trade_id: Any, at: Any, contract: str = BTC, **changes: Any) -> dict:
+    """A good fill of either version (the contract's examples); ``changes`` set (or, None, drop)
+    fields by their own names."""
+    if version == 2:
+        fill = {
+            "tradeId": trade_id,
+            "orderId": 555,
+            "symbol": contract_in(2, contract),
+            "positionSide": "LONG",
+            "orderSide": "BUY",
+            "fillSize": "0.002",
+            "fillValue": "190.5",
+            "fillFee": "0.1143",
+            "createdTime": at,
+        }
+    else:
+        fill = {
+            "id": trade_id,
+            "orderId": 555,
+            "symbol": contract_in(3, contract),
+            "side": "BUY",
+            "price": "95250",
+            "qty": "0.002",
+            "commission": "0.1143",
+            "commissionAsset": "USDT",
+            "time": at,
+        }
+    fill.update(changes)
+    return {k: v for k, v in fill.items() if v is not None}
+
+
+# --- running weex_sync -------------------------------------------------------------------------
+
+
+@dataclass
+class User:
+    user_id: str
+    symbols: list[str] = field(default_factory=lambda: [BTC])
+    api_key: str = field(default_factory=lambda: f"key-{secrets.token_hex(6)}")
+    secret_key: str = field(default_factory=lambda: f"sec-{secrets.token_hex(12)}")
+    passphrase: str = field(default_factory=lambda: f"pp{secrets.token_hex(12)}")
+
+    def as_config(self) -> dict:
+        return {
+            "user_id": self.user_id,
+            "api_key": self.api_key,
+            "secret_key": self.secret_key,
+            "passphrase": self.passphrase,
+            "symbols": self.symbols,
+        }
+
+
+class Runner:
+    """Writes a weex_sync config (the test database, the hostile exchange, user1) and runs it."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        exchange: HostileExchange,
+        pg: dict,
+        db_name: str,
+        capsys,
+        version: int,
+    ) -> None:
+        self.tmp_path = tmp_path
+        self.capsys = capsys
+        self.users = [User("user1")]
+        self.database: dict = {"dbname": db_name, **pg}
+        self.weex: dict = {
+            "base_url": exchange.base_url,
+            "api_version": version,
+            "timeout_seconds": 1,
+            "max_retries": 1,
+            "rate_limit": {
+                "uid_weight": 1_000_000,
+                "ip_weight": 10_000_000,
+                "shared_file": str(tmp_path / "ratelimit"),
+            },
+        }
+        self.sync: dict = {"start_time": START_MS - 1000, "workers": 4}
+        self.processes: list[subprocess.Popen] = []
+        self.log = self.out = ""
+
+    @property
+    def user(self) -> User:
+        return self.users[0]
+
+    def add_user(self, user_id: str, **kwargs: Any) -> User:
+        user = User(user_id, **kwargs)
+        self.users.append(user)
+        return user
+
+    def config(self) -> dict:
+        return {
+            "database": dict(self.database),
+            "weex": dict(self.weex),
+            "sync": {**self.sync, "users": [u.as_config() for u in self.users]},
+        }
+
+    def write_config(self, config: dict | None = None, name: str = "config.yaml") -> Path:
+        path = self.tmp_path / name
+        path.write_text(yaml.safe_dump(config or self.config()), encoding="utf-8")
+        return path
+
+    def run(self, *args: str, env: dict | None = None, config: Path | dict | None = None) -> int:
+        """weex_sync.main in this process (never to be sent a signal); stderr lands in self.log,
+        stdout in self.out."""
+        path = config if isinstance(config, Path) else self.write_config(config)
+        code = weex_sync.main(["-c", str(path), *args], environ=env or {})
+        captured = self.capsys.readouterr()
+        self.log, self.out = captured.err, captured.out
+        return code
+
+    def popen(
+        self,
+        *args: str,
+        config: dict | None = None,
+        name: str = "config.yaml",
+        env: dict | None = None,
+        stdout: int = subprocess.PIPE,
+    ) -> subprocess.Popen:
+        """weex_sync.py as its own process, as cron or systemd runs it."""
+        path = self.write_config(config, name)
+        process = subprocess.Popen(
+            [sys.executable, str(SCRIPT), "-c", str(path), *args],
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={"PATH": os.environ.get("PATH", ""), **(env or {})},
+        )
+        self.processes.append(process)
+        return process
+
+    def kill_leftovers(self) -> None:
+        for process in self.processes:
+            if process.returncode is None and process.poll() is None:
+                process.kill()
+                process.communicate()
+
+
+@pytest.fixture
+def version() -> int:
+    return API_VERSION
+
+
+@pytest.fixture
+def exchange():
+    server = HostileExchange().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def second():
+    """Another host, which records whatever reaches it (the target of redirects)."""
+    server = HostileExchange().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def runner(tmp_path, exchange, pg, test_db_name, db, capsys, version):
+    runner = Runner(tmp_path, exchange, pg, test_db_name, capsys, version)
+    yield runner
+    runner.kill_leftovers()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 15.0, every: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(every)
+
+
+def finish(process: subprocess.Popen, timeout: float = 30.0) -> tuple[int, str]:
+    try:
+        _, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, err = process.communicate()
+        raise AssertionError(f"weex_sync still running after {timeout}s; its log:\n{err}")
+    return process.returncode, err
+
+
+def clean_lines(log: str) -> list[str]:
+    """The log's lines, each asserted to be one whole log line: no traceback, no message that
+    spilled over a line break."""
+    assert "Traceback" not in log, log
+    lines = log.splitlines()
+    for line in lines:
+        assert LOG_LINE_RE.match(line), f"not a log line of its own: {line!r}\n{log}"
+    return lines
+
+
+def line_with(log: str, text: str) -> str:
+    found = [line for line in clean_lines(log) if text in line]
+    assert len(found) == 1, (text, log)
+    return found[0]
+
+
+def status_by_user(db: Database) -> dict[str, list[dict]]:
+    rows: dict[str, list[dict]] = {}
+    for row in db.status():
+        rows.setdefault(row["user_id"], []).append(row)
+    return rows
+
+
+def only_status(db: Database, user_id: str = "user1", symbol: str = BTC) -> dict:
+    rows = [r for r in db.status() if r["user_id"] == user_id and r["symbol"] == symbol]
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+def stored_ids(db: Database, user_id: str = "user1") -> set[str]:
+    return {
+        r[0] for r in db.rows("SELECT trade_id FROM trade_fills WHERE user_id = %s", (user_id,))
+    }
+
+
+# --- 1. a fill dated in the far future ---------------------------------------------------------
+
+
+@both_versions
+def test_1_fill_far_in_the_future_is_bad_data_and_never_moves_the_cursor(
+    runner, exchange, db, version
+):
+    good = make_fill(version, 1, START_MS + 10)
+    future = make_fill(version, 2, FAR_FUTURE)
+    exchange.fills = lambda request: answer(request, [good], always=[future])  # no filtering
+
+    assert runner.run() == 1
+    after = now_ms()
+
+    row = only_status(db)
+    assert row["status"] == "error"
+    assert "outside the requested range" in row["error_message"]
+    assert str(FAR_FUTURE) in row["error_message"]
+    assert stored_ids(db) == set()  # the answer that held it stored nothing
+    assert db.scalar("SELECT count(*) FROM trade_fills WHERE trade_time > %s", (after,)) == 0
+    for (synced_through,) in db.rows("SELECT synced_through FROM sync_cursor"):
+        assert synced_through <= after
+    requests = exchange.fills_requests()
+    assert requests
+    for request in requests:  # every request is bounded by the exchange's now
+        assert "endTime" in request.params, request.params
+        assert int(request.params["endTime"]) <= request.at_ms + 1000
+
+
+@both_versions
+def test_1_an_exchange_filtering_by_end_time_never_shows_it_and_later_fills_arrive(
+    runner, exchange, db, version
+):
+    fills = [make_fill(version, 1, START_MS + 10), make_fill(version, 2, FAR_FUTURE)]
+    exchange.fills = lambda request: answer(request, fills)
+
+    assert runner.run() == 0, runner.log
+    assert stored_ids(db) == {"1"}
+    assert db.scalar("SELECT synced_through FROM sync_cursor") <= now_ms()
+
+    fills.append(make_fill(version, 3, now_ms() - 2000))  # a real fill, arriving later
+    assert runner.run() == 0, runner.log
+    assert stored_ids(db) == {"1", "3"}
+    assert db.scalar("SELECT synced_through FROM sync_cursor") <= now_ms()
+
+
+# --- 2. one fill key, two contents -------------------------------------------------------------
+
+
+@both_versions
+def test_2_same_fill_key_in_two_symbols_is_an_error_naming_both(runner, exchange, db, version):
+    runner.user.symbols = [BTC, ETH]
+    btc = make_fill(version, 7, START_MS + 10, orderId=9)
+    eth = make_fill(version, 7, START_MS + 10, contract=ETH, orderId=9)
+    exchange.fills = lambda request: answer(request, [btc, eth])
+
+    assert runner.run() == 1
+
+    assert only_status(db, symbol=BTC)["status"] == "success"
+    eth_row = only_status(db, symbol=ETH)
+    assert eth_row["status"] == "error"
+    assert BTC in eth_row["error_message"] and ETH in eth_row["error_message"]
+    rows = db.rows("SELECT symbol, side, raw FROM trade_fills")
+    assert len(rows) == 1  # no second row, and the first one untouched
+    assert rows[0][:2] == (BTC, "1")
+    assert rows[0][2] == json.loads(dumps(btc))
+
+
+@both_versions
+def test_2_a_rescan_meeting_a_stored_key_with_another_fee_is_an_error(
+    runner, exchange, db, version
+):
+    fee = "commission" if version == 3 else "fillFee"
+    fills = [make_fill(version, 7, START_MS + 10)]
+    exchange.fills = lambda request: answer(request, fills)
+    assert runner.run() == 0, runner.log
+
+    fills[0] = make_fill(version, 7, START_MS + 10, **{fee: "0.5"})
+    assert runner.run("--since", str(START_MS)) == 1
+
+    error = db.status()[-1]
+    assert error["status"] == "error"
+    assert "other contents" in error["error_message"]
+    assert db.rows("SELECT fee FROM trade_fills") == [(Decimal("0.1143"),)]
+
+
+@both_versions
+def test_2_one_trade_id_twice_in_one_answer_differently_is_an_error(runner, exchange, db, version):
+    size = "qty" if version == 3 else "fillSize"
+    twins = [
+        make_fill(version, 7, START_MS + 10),
+        make_fill(version, 7, START_MS + 10, **{size: "0.003"}),
+    ]
+    exchange.fills = lambda request: answer(request, twins)
+
+    assert runner.run() == 1
+
+    row = only_status(db)
+    assert "appears twice in one answer" in row["error_message"]
+    assert stored_ids(db) == set()
+
+
+# --- 3 and 4. wrong data, ids and symbols with a trailing newline --------------------------------
+
+
+def run_cases(runner, exchange, db, cases: dict[str, tuple[dict, str | None]]) -> dict:
+    """One user per case: a good fill, then the case's fill (served in every answer, whatever
+    was asked), all in one pass. ``field`` None: the case must be accepted. Returns the
+    users by case name."""
+    runner.users = []
+    served = {}
+    for n, (name, (changes, _)) in enumerate(cases.items(), start=1):
+        user = runner.add_user(f"user{n}")
+        served[user.api_key] = (
+            [make_fill(version, 1, START_MS + 10)],
+            [make_fill(version, 2, START_MS + 20, **changes)],
+        )
+    runner.sync["workers"] = len(cases)
+
+    def fills(request: Request) -> Reply:
+        good, hostile = served[request.key]
+        return answer(request, good, always=hostile)
+
+    exchange.fills = fills
+    runner.run()
+    clean_lines(runner.log)
+    return dict(zip(cases, runner.users, strict=True))
+
+
+def assert_rejected(db: Database, user: User, name: str, field_name: str) -> None:
+    row = only_status(db, user.user_id)
+    assert row["status"] == "error", (name, row)
+    message = row["error_message"]
+    assert f": {field_name} " in message and " is not " in message, (name, message)
+    assert "\n" not in message
+    # nothing of that user past the bad fill (here: nothing, it came in the first answer)
+    assert stored_ids(db, user.user_id) == set(), name
+
+
+WRONG_DATA = {
+    2: {
+        "fillSize 0 beside a price": ({"fillSize": "0", "price": "95250"}, "fillSize"),
+        "fillSize -1 beside fillPrice": ({"fillSize": "-1", "fillPrice": "95250"}, "fillSize"),
+        "negative fillValue": ({"fillValue": "-190.5"}, "fillValue"),
+        "fillSize 1_000": ({"fillSize": "1_000"}, "fillSize"),
+        "fillSize with spaces": ({"fillSize": " 0.002 "}, "fillSize"),
+        "negative fee is a rebate": ({"fillFee": "-0.05"}, None),
+    },
+    3: {
+        "qty 0": ({"qty": "0"}, "qty"),
+        "price -1": ({"price": "-1"}, "price"),
+        "qty 1_000": ({"qty": "1_000"}, "qty"),
+        "qty with spaces": ({"qty": " 0.002 "}, "qty"),
+        "negative commission is a rebate": ({"commission": "-0.05"}, None),
+    },
+}
+
+
+@both_versions
+def test_3_wrong_amounts_are_rejected_naming_the_field_and_rebates_kept(
+    runner, exchange, db, version
+):
+    cases = WRONG_DATA[version]
+    users = run_cases(runner, exchange, db, cases)
+
+    for name, (_, field_name) in cases.items():
+        user = users[name]
+        if field_name is None:
+            assert only_status(db, user.user_id)["status"] == "success", name
+            fees = db.rows(
+                "SELECT trade_id, fee FROM trade_fills WHERE user_id = %s", (user.user_id,)
+            )
+            assert sorted(fees) == [("1", Decimal("0.1143")), ("2", Decimal("-0.05"))]
+        else:
+            assert_rejected(db, user, name, field_name)
+
+
+NEWLINES = {
+    2: {
+        "tradeId": ({"tradeId": "123\n"}, "tradeId"),
+        "orderId": ({"orderId": "123\n"}, "orderId"),
+        "symbol": ({"symbol": "cmt_btcusdt\n"}, "symbol"),
+    },
+    3: {
+        "id": ({"id": "123\n"}, "id"),
+        "orderId": ({"orderId": "123\n"}, "orderId"),
+        "symbol": ({"symbol": "BTCUSDT\n"}, "symbol"),
+    },
+}
+
+
+@both_versions
+def test_4_ids_and_symbols_with_a_trailing_newline_are_rejected(runner, exchange, db, version):
+    cases = NEWLINES[version]
+    users = run_cases(runner, exchange, db, cases)
+
+    for name, (_, field_name) in cases.items():
+        assert_rejected(db, users[name], name, field_name)
+
+
+def test_4_a_user_id_with_a_newline_is_exit_2_before_anything_is_touched(
+    runner, exchange, pg, scratch_db_names
+):
+    runner.user.user_id = "evil\n"
+    runner.database["dbname"] = f"weex_hostile_{secrets.token_hex(4)}"
+    scratch_db_names.append(runner.database["dbname"])
+
+    assert runner.run() == 2
+
+    assert "sync.users[0].user_id" in line_with(runner.log, "configuration error")
+    assert exchange.requests == []
+    assert not database_exists(pg, runner.database["dbname"])
+
+
+# --- 5. NUL and lone surrogates in an exchange message ----------------------------------------
+
+
+def test_5_nul_and_lone_surrogate_in_a_message_do_not_kill_a_loop(runner, exchange, db, version):
+    hostile = runner.user
+    runner.add_user("user2")
+    fill = make_fill(version, 1, START_MS + 10)
+    # JSON escapes: the parsed msg holds a NUL and an unpaired surrogate
+    body = b'{"code": CODE, "msg": "bad\\u0000thing \\ud800"}'
+    body = body.replace(b"CODE", json.dumps(SYMBOL_CODE[version]).encode())
+
+    def fills(request: Request) -> Reply:
+        return Reply(400, body) if request.key == hostile.api_key else answer(request, [fill])
+
+    exchange.fills = fills
+    process = runner.popen("--loop", "1")
+
+    def two_passes() -> bool:
+        assert process.poll() is None, process.communicate()[1]
+        return len(status_by_user(db).get("user1", [])) >= 2
+
+    wait_for(two_passes)
+    process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    exit_code, err = finish(process, timeout=15)
+
+    assert exit_code == 0, err
+    assert time.monotonic() - sent < 8
+    clean_lines(err)
+    rows = status_by_user(db)
+    for row in rows["user1"]:
+        assert row["status"] == "error"
+        message = row["error_message"]
+        assert "\x00" not in message and "\n" not in message
+        assert "bad\\x00thing \\ud800" in message, message
+    assert rows["user2"] and all(r["status"] == "success" for r in rows["user2"])
+    assert stored_ids(db, "user2") == {"1"}
+
+
+# --- 6. named one-line errors instead of tracebacks ---------------------------------------------
+
+
+TRACEBACK_VALUES = {
+    2: {
+        "createdTime superscript two": ({"createdTime": "²"}, "createdTime"),
+        "fillSize 1e-999999999 as a string": ({"fillSize": "1e-999999999"}, "fillSize"),
+        "fillSize 1e-999999999 as a number": ({"fillSize": Decimal("1e-999999999")}, "fillSize"),
+    },
+    3: {
+        "time superscript two": ({"time": "²"}, "time"),
+        "qty 1e-999999999 as a string": ({"qty": "1e-999999999"}, "qty"),
+        "qty 1e-999999999 as a number": ({"qty": Decimal("1e-999999999")}, "qty"),
+    },
+}
+
+
+@both_versions
+def test_6_values_that_raised_tracebacks_are_named_one_line_errors(runner, exchange, db, version):
+    cases = TRACEBACK_VALUES[version]
+    users = run_cases(runner, exchange, db, cases)  # asserts: no traceback, one line each
+
+    for name, (_, field_name) in cases.items():
+        assert_rejected(db, users[name], name, field_name)
+        line_with(runner.log, f"{users[name].user_id}/{BTC}: error")
+
+
+def test_6_json_nested_100000_deep_is_a_malformed_body_retried_then_an_error(runner, exchange, db):
+    exchange.fills = lambda request: Reply(body=b"[" * 100_000 + b"]" * 100_000)
+
+    assert runner.run() == 1
+
+    row = only_status(db)
+    assert "not JSON" in row["error_message"], row["error_message"]
+    assert "gave up after 2 attempts" in row["error_message"]
+    assert row["requests_count"] == 2 == len(exchange.fills_requests())
+    line_with(runner.log, "user1/cmt_btcusdt: error")
+
+
+def test_6_an_unreadable_exchange_clock_is_a_named_error(runner, exchange, db, version):
+
+    def app(request: Request) -> Reply | None:
+        if request.path in TIME_PATHS:
+            name = "timestamp" if request.version == 2 else "serverTime"
+            return Reply(body=f'{{"{name}": Infinity}}'.encode())
+        if request.is_fills:
+            return error_reply(request, CLOCK_CODE, "invalid ACCESS_TIMESTAMP")
+        return None
+
+    exchange.app = app
+
+    assert runner.run() == 1
+
+    row = only_status(db)
+    assert "cannot read the exchange's clock" in row["error_message"], row["error_message"]
+    assert f"/capi/v{version}/market/time" in row["error_message"]
+    clean_lines(runner.log)
+
+
+CONFIG_ERRORS = {
+    "euro sign in a passphrase": ("passphrase", "pass€word-1", "sync.users[0].passphrase"),
+    "cyrillic api_key": ("api_key", "ключ-123", "sync.users[0].api_key"),
+    "start_time of 5,000 digits": ("start_time", "1" * 5000, "configuration error"),
+    "--since of 5,000 digits": ("--since", "1" * 5000, "--since"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_ERRORS))
+def test_6_config_values_that_raised_tracebacks_are_exit_2(runner, exchange, case):
+    key, value, named = CONFIG_ERRORS[case]
+    args: list[str] = []
+    path = None
+    if key == "--since":
+        args = ["--since", value]
+    elif key == "start_time":  # an integer yaml.safe_dump itself refuses to write
+        runner.sync["start_time"] = "START_TIME_HERE"
+        text = yaml.safe_dump(runner.config()).replace("START_TIME_HERE", value)
+        path = runner.tmp_path / "config.yaml"
+        path.write_text(text, encoding="utf-8")
+    else:
+        setattr(runner.user, key, value)
+
+    assert runner.run(*args, config=path) == 2
+
+    line = line_with(runner.log, "configuration error")
+    assert named in line
+    assert value not in runner.log
+    assert exchange.requests == []
+
+
+def test_6_a_missing_ca_bundle_is_exit_2_naming_the_variable(runner, exchange):
+    process = runner.popen("--once", env={"REQUESTS_CA_BUNDLE": "/nonexistent"})
+    code, err = finish(process)
+
+    assert code == 2, err
+    assert "REQUESTS_CA_BUNDLE" in line_with(err, "configuration error")
+    assert exchange.requests == []
+
+
+# --- 7. hangs --------------------------------------------------------------------------------
+
+
+def test_7_a_trickled_body_fails_within_about_the_timeout(runner, exchange, db):
+    # 20 bytes, one every 0.5 s: 10 s per answer, while weex.timeout_seconds is 1
+    exchange.fills = lambda request: Reply(body=b"[" + b" " * 18 + b"]", trickle=0.5)
+
+    started = time.monotonic()
+    assert runner.run() == 1
+    elapsed = time.monotonic() - started
+
+    assert elapsed < 6, elapsed  # two attempts of ~1 s, one backoff
+    row = only_status(db)
+    assert "did not arrive within" in row["error_message"], row["error_message"]
+    assert row["requests_count"] == 2
+
+
+def test_7_a_connection_dropped_mid_body_is_retried(runner, exchange, db, version):
+    runner.sync["start_time"] = now_ms() - DAY_MS  # one window: one request when all goes well
+    fill = make_fill(version, 1, now_ms() - 3_600_000)
+
+    def fills(request: Request) -> Reply:
+        reply = answer(request, [fill])
+        if len(exchange.fills_requests()) == 1:
+            reply.drop_after = len(reply.payload()) // 2
+        return reply
+
+    exchange.fills = fills
+
+    assert runner.run() == 0, runner.log
+
+    assert stored_ids(db) == {"1"}
+    assert only_status(db)["requests_count"] == 2 == len(exchange.fills_requests())
+
+
+def test_7_sigterm_ends_the_process_within_seconds_in_every_waiting_state(runner, exchange, db):
+    """Three processes, one in each state; weex_sync gives requests in flight
+    STOP_GRACE_SECONDS (5), then exits at once."""
+    states = {
+        "trickle": Reply(body=b"[" + b" " * 998 + b"]", trickle=0.5),
+        "stall": Reply(body=b"[" + b" " * 98 + b"]", stall=True),
+        "retry_after": Reply(429, b"", {"Retry-After": "3600"}),
+    }
+    runner.weex["timeout_seconds"] = 30  # only the stop can end the first two
+    users = {state: User(f"user_{state}") for state in states}
+    by_key = {users[state].api_key: reply for state, reply in states.items()}
+    exchange.fills = lambda request: by_key[request.key]
+    processes = {}
+    for state, user in users.items():
+        runner.users = [user]
+        processes[state] = runner.popen("--once", name=f"{state}.yaml")
+
+    for user in users.values():
+        wait_for(lambda user=user: exchange.fills_requests(user.api_key))
+    time.sleep(0.5)
+    for process in processes.values():
+        process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    results = {
+        state: (*finish(p, timeout=20), time.monotonic() - sent) for state, p in processes.items()
+    }
+
+    for state, (code, err, seconds) in results.items():
+        assert code == 0, (state, err)
+        assert seconds < 8, (state, seconds, err)
+        assert "SIGTERM received" in err, (state, err)
+        clean_lines(err)
+    assert results["retry_after"][2] < 3  # nothing in flight: no grace needed
+    assert len(exchange.fills_requests(users["retry_after"].api_key)) == 1
+
+
+# --- 8. an analyst's open transaction ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def analyst(pg: dict, db_name: str, statement: str, release_after: float = 8.0):
+    """Another session that ran ``statement`` in a transaction it keeps open; it gives up after
+    ``release_after`` seconds, so a weex_sync that waits for it cannot hang the suite."""
+    conn = psycopg2.connect(dbname=db_name, **pg)
+    conn.cursor().execute(statement)
+    timer = threading.Timer(release_after, conn.rollback)
+    timer.start()
+    try:
+        yield conn
+    finally:
+        timer.cancel()
+        conn.rollback()
+        conn.close()
+
+
+def test_8_an_open_transaction_on_the_view_does_not_block_a_pass(runner, exchange, db, pg, version):
+    fill = make_fill(version, 1, START_MS + 10)
+    exchange.fills = lambda request: answer(request, [fill])
+
+    with analyst(pg, db.name, "SELECT * FROM trade_fills_readable"):
+        started = time.monotonic()
+        code = runner.run()
+        elapsed = time.monotonic() - started
+
+    assert code == 0, runner.log
+    assert elapsed < 5, elapsed  # it did not wait for the analyst
+    assert stored_ids(db) == {"1"}
+
+
+def test_8_an_upgrade_blocked_by_an_analyst_fails_with_exit_3_not_a_hang(
+    runner, exchange, db, pg, monkeypatch, version
+):
+    monkeypatch.setattr(weex_sync, "LOCK_TIMEOUT", "1s", raising=False)
+    db.rows("DELETE FROM weex_sync_schema")  # an old schema: DDL must run
+
+    with analyst(pg, db.name, "SELECT * FROM trade_fills_readable"):
+        started = time.monotonic()
+        code = runner.run()
+        elapsed = time.monotonic() - started
+
+    assert code == 3, runner.log
+    assert elapsed < 5, elapsed
+    line = line_with(runner.log, "ERROR")
+    assert "lock" in line, line
+    assert exchange.fills_requests() == []
+    assert runner.run() == 0, runner.log  # the analyst is gone: the upgrade runs
+    assert db.scalar("SELECT max(version) FROM weex_sync_schema") >= 2
+
+
+def test_8_a_lock_held_on_trade_fills_fails_the_pair_with_a_lock_timeout(
+    runner, exchange, db, pg, monkeypatch, version
+):
+    monkeypatch.setattr(weex_sync, "LOCK_TIMEOUT", "1s", raising=False)
+    fill = make_fill(version, 1, START_MS + 10)
+    exchange.fills = lambda request: answer(request, [fill])
+
+    with analyst(pg, db.name, "LOCK TABLE trade_fills IN EXCLUSIVE MODE"):
+        started = time.monotonic()
+        code = runner.run()
+        elapsed = time.monotonic() - started
+
+    assert code == 1, runner.log
+    assert elapsed < 5, elapsed
+    row = only_status(db)
+    assert "lock timeout" in row["error_message"], row["error_message"]
+    clean_lines(runner.log)
+    assert stored_ids(db) == set()
+
+
+# --- 9. log forging ---------------------------------------------------------------------------
+
+FORGED = "2026-01-01T00:00:00.000Z INFO weex_sync: user9/cmt_btcusdt: ok fetched=100"
+
+
+def test_9_a_newline_in_an_exchange_message_cannot_forge_a_log_line(runner, exchange, db):
+    exchange.fills = lambda request: error_reply(request, SYMBOL_CODE, f"x\n{FORGED}")
+
+    assert runner.run() == 1
+    log = runner.log
+    assert runner.run("--status") == 0
+
+    assert not [line for line in log.splitlines() if line.startswith(FORGED[:40])], log
+    clean_lines(log)
+    message = only_status(db)["error_message"]
+    assert "\n" not in message and FORGED in message  # kept, escaped
+    assert not [line for line in runner.out.splitlines() if line.startswith(FORGED[:24])]
+
+
+# --- 10. secrets ------------------------------------------------------------------------------
+
+
+def leaked(secret: str, text: str, size: int = 6) -> list[str]:
+    return [
+        secret[i : i + size] for i in range(len(secret) - size + 1) if secret[i : i + size] in text
+    ]
+
+
+def test_10a_a_secret_near_the_cut_of_an_exchange_message_is_scrubbed(runner, exchange, db):
+    offsets = (180, 186, 190, 194, 197, 199)
+    runner.users = [User(f"user{offset}") for offset in offsets]
+    offset_of = {u.api_key: o for u, o in zip(runner.users, offsets, strict=True)}
+
+    def fills(request: Request) -> Reply:
+        msg = "A" * offset_of[request.key] + request.headers["access-passphrase"] + " tail"
+        return error_reply(request, SYMBOL_CODE, msg)
+
+    exchange.fills = fills
+
+    assert runner.run("--log-level", "DEBUG") == 1
+    log = runner.log
+    assert runner.run("--status") == 0
+    seen = log + runner.out + repr(db.status())
+
+    for user in runner.users:
+        assert leaked(user.passphrase, seen) == [], user.user_id
+    assert len(exchange.fills_requests()) == len(offsets)
+
+
+def test_10b_config_errors_never_echo_a_value_that_could_be_a_secret(runner, exchange):
+    password = f"pw-{secrets.token_hex(8)}"
+    runner.database["password"] = password
+
+    assert runner.run(env={"DB_PORT": password}) == 2
+    assert "database.port" in line_with(runner.log, "configuration error")
+    assert password not in runner.log + runner.out
+
+    assert runner.run("--user", runner.user.passphrase) == 2
+    assert "--user" in line_with(runner.log, "configuration error")
+    assert leaked(runner.user.passphrase, runner.log + runner.out) == []
+    assert exchange.requests == []
+
+
+def test_10c_a_redirect_to_another_host_is_not_followed(runner, exchange, second, db):
+    runner.users = [User("user302"), User("user307")]
+    status_of = {runner.users[0].api_key: 302, runner.users[1].api_key: 307}
+
+    def fills(request: Request) -> Reply:
+        location = f"{second.base_url}{request.path}?{urlencode(request.params)}"
+        return Reply(status_of[request.key], b"", {"Location": location})
+
+    exchange.fills = fills
+
+    assert runner.run() == 1
+
+    assert second.requests == []  # no ACCESS-KEY, no ACCESS-PASSPHRASE went there
+    for user in runner.users:
+        message = only_status(db, user.user_id)["error_message"]
+        assert "redirect" in message and "not followed" in message, message
+    clean_lines(runner.log)
+
+
+def test_10d_plain_http_to_a_remote_host_is_one_warning(runner, exchange, db):
+    assert runner.run("--status") == 0
+    assert "WARNING" not in runner.log  # 127.0.0.1 is this machine
+
+    runner.weex["base_url"] = "http://weex.example"
+    assert runner.run("--status") == 0
+
+    warnings = [line for line in clean_lines(runner.log) if " WARNING " in line]
+    assert len(warnings) == 1, runner.log
+    assert "plain http" in warnings[0] and "weex.example" in warnings[0]
+
+
+# --- 11. size limits ---------------------------------------------------------------------------
+
+HUGE_BODY = 40 << 20
+BOMB_INFLATED = 512 << 20
+
+
+@functools.cache
+def gzip_bomb() -> bytes:
+    """BOMB_INFLATED bytes of zeros, gzip-compressed to about 1/1000 of that."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    zeros = bytes(1 << 20)
+    parts = [compressor.compress(zeros) for _ in range(BOMB_INFLATED >> 20)]
+    return b"".join([*parts, compressor.flush()])
+
+
+def peak_rss_mb(process: subprocess.Popen) -> tuple[int, str, float]:
+    """Exit code, stderr and peak RSS (MB) of a process, reaped here with os.wait4."""
+    err = process.stderr.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, err, usage.ru_maxrss / 1024
+
+
+def test_11_a_huge_body_and_a_gzip_bomb_fail_the_request_and_memory_stays_low(runner, exchange, db):
+    huge = Reply(body=b"[" + b" " * HUGE_BODY + b"]")
+    bomb = Reply(body=gzip_bomb(), headers={"Content-Encoding": "gzip"})
+    users = {"huge": User("user_huge"), "bomb": User("user_bomb")}
+    replies = {users["huge"].api_key: huge, users["bomb"].api_key: bomb}
+    exchange.fills = lambda request: replies[request.key]
+    processes = {}
+    for name, user in users.items():
+        runner.users = [user]
+        processes[name] = runner.popen("--once", name=f"{name}.yaml", stdout=subprocess.DEVNULL)
+
+    for name, process in processes.items():
+        code, err, rss = peak_rss_mb(process)
+        assert code == 1, (name, err)
+        assert rss < 150, (name, rss)
+        message = only_status(db, f"user_{name}")["error_message"]
+        assert "larger than 8 MB" in message, (name, message)
+        clean_lines(err)
+
+
+# --- 12. races ---------------------------------------------------------------------------------
+
+
+def test_12_four_first_runs_at_once_against_a_missing_database_all_succeed(
+    runner, exchange, pg, scratch_db_names
+):
+    runner.sync["start_time"] = now_ms() - DAY_MS  # one request each: the race is the point
+    for trial in range(5):
+        config = runner.config()
+        config["database"]["dbname"] = f"weex_hostile_race_{secrets.token_hex(4)}"
+        scratch_db_names.append(config["database"]["dbname"])
+        processes = [
+            runner.popen("--once", config=config, name=f"race{trial}.yaml") for _ in range(4)
+        ]
+        results = [finish(process) for process in processes]
+        assert [code for code, _ in results] == [0, 0, 0, 0], (trial, results)
+        assert database_exists(pg, config["database"]["dbname"])
+
+
+# --- 13. a --since repair meeting a pass that holds the pair ------------------------------------
+
+
+def test_13_a_rescan_waits_for_a_held_pair_then_fails_or_runs(runner, exchange, db, pg, version):
+    fills = [make_fill(version, n, START_MS + 10 * n) for n in (1, 2, 3)]
+    exchange.fills = lambda request: answer(request, fills)
+    holder = psycopg2.connect(dbname=db.name, **pg)
+    holder.autocommit = True
+    key = weex_sync.lock_key("user1", BTC)
+    holder.cursor().execute("SELECT pg_advisory_lock(%s)", (key,))
+    try:
+        started = time.monotonic()
+        assert runner.run("--since", str(START_MS), "--lock-wait", "1") == 1
+        assert time.monotonic() - started < 5
+
+        assert "another weex_sync pass" in line_with(runner.log, "waiting up to 1s")
+        row = only_status(db)
+        assert row["status"] == "error" and "not re-scanned" in row["error_message"]
+        assert stored_ids(db) == set()
+
+        release = threading.Timer(
+            1.0, holder.cursor().execute, ("SELECT pg_advisory_unlock_all()",)
+        )
+        release.start()
+        started = time.monotonic()
+        assert runner.run("--since", str(START_MS), "--lock-wait", "10") == 0, runner.log
+        assert 0.9 < time.monotonic() - started < 8
+        release.join()
+    finally:
+        holder.close()
+
+    assert stored_ids(db) == {"1", "2", "3"}
+    assert db.status()[-1]["status"] == "success"
