@@ -102,7 +102,7 @@ def test_database_connection_dropped_mid_pass(harness: Harness, db: Database, si
 
 @v3_orders
 def test_twenty_percent_of_requests_fail_in_every_way(harness: Harness, db: Database, sim):
-    accounts = harness.fleet(3, fills=3000)
+    accounts = harness.fleet(3, fills=1500)
     sim.faults = {  # 20 % of requests in all
         "429": 0.03,
         "500": 0.03,
