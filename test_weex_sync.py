@@ -740,6 +740,15 @@ def test_config_example_is_valid():
     env = {name: f"value-of-{name}" for name in names}
     cfg = weex_sync.load_config(str(HERE / "config.yaml.example"), env)
     assert [u.user_id for u in cfg.sync.users] == ["user1", "user2"]
+    assert cfg.sync.users[0].symbols == (weex_sync.ALL_SYMBOLS,)
     assert cfg.sync.users[1].symbols == ("cmt_btcusdt",)
-    assert cfg.sync.start_time == 1_704_067_200_000  # 2024-01-01T00:00:00Z
+    assert cfg.sync.start_time == 0  # everything the exchange keeps
+    assert cfg.weex.api_version == 3 and cfg.weex.rate_limit.ip_weight == 500
     assert cfg.secrets() and all(s.startswith("value-of-") for s in cfg.secrets())
+    used = {  # the variables the example's live lines (not its comments) refer to
+        name
+        for line in (HERE / "config.yaml.example").read_text().splitlines()
+        for name in re.findall(r"\$\{(\w+)\}", line.split("#")[0])
+    }
+    env_file = (HERE / "weex_sync.env.example").read_text()
+    assert used == set(re.findall(r"^(\w+)=", env_file, re.MULTILINE))

@@ -795,6 +795,15 @@ class _ClockRejected(Exception):
     """The exchange says our ACCESS-TIMESTAMP is too far from its clock."""
 
 
+class HostWatch:
+    """Shared by the clients of one pass: once one finds the exchange's host unreachable after
+    all its retries, the others stop retrying and fail with the same message (one line per
+    pair, and a pass against a dead host ends in seconds, not retries x pairs)."""
+
+    def __init__(self) -> None:
+        self.unreachable: ExchangeUnreachable | None = None
+
+
 def sign(secret_key: str, timestamp: str, method: str, path: str, query: str, body: str) -> str:
     """ACCESS-SIGN: base64(HMAC_SHA256(secret, timestamp + METHOD + path [+ "?" + query] + body))."""
     prehash = timestamp + method.upper() + path + (f"?{query}" if query else "") + body
@@ -1165,9 +1174,11 @@ class FillsClient:
         clock: ServerClock,
         limiter: RateLimiter,
         stop: Stop,
+        host: HostWatch | None = None,
     ) -> None:
         self.cfg = cfg
         self.api = APIS[cfg.api_version]
+        self.host = host or HostWatch()
         self.user = user
         self.session = session
         self.clock = clock
@@ -1209,8 +1220,13 @@ class FillsClient:
                 clock_resynced = True
             except _Transient as exc:
                 failures += 1
+                if exc.unreachable and self.host.unreachable:
+                    raise self.host.unreachable from None
                 if failures > self.cfg.max_retries:
-                    raise exc.give_up(failures) from None
+                    error = exc.give_up(failures)
+                    if isinstance(error, ExchangeUnreachable):
+                        self.host.unreachable = error
+                    raise error from None
                 delay = (
                     exc.retry_after if exc.retry_after is not None else backoff_seconds(failures)
                 )
@@ -2328,6 +2344,7 @@ class PassContext:
     limiter: RateLimiter
     redact: Redactor
     pass_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    host: HostWatch = field(default_factory=HostWatch)
 
 
 class Worker:
@@ -2349,7 +2366,7 @@ def sync_pair(ctx: PassContext, worker: Worker, user: UserConfig, scope: str) ->
     outcome = Outcome(user.user_id, scope)
     started = time.monotonic()
     stop = Stop(ctx.stop)
-    client = FillsClient(ctx.cfg.weex, user, worker.session, ctx.clock, ctx.limiter, stop)
+    client = FillsClient(ctx.cfg.weex, user, worker.session, ctx.clock, ctx.limiter, stop, ctx.host)
     try:
         with pair_lock(worker.store, outcome, ctx) as locked:
             if locked:
@@ -2485,7 +2502,6 @@ class SyncPass:
     def __init__(self, ctx: PassContext) -> None:
         self.ctx = ctx
         self.cfg = ctx.cfg
-        self.unreachable: ExchangeUnreachable | None = None
         self.deadline = (
             time.monotonic() + ctx.options.max_seconds if ctx.options.max_seconds else None
         )
@@ -2543,15 +2559,13 @@ class SyncPass:
                 break
             if self.deadline is not None and time.monotonic() > self.deadline:
                 outcome = Outcome(user.user_id, scope, status="left")
-            elif user_error or self.unreachable:
+            elif user_error or self.ctx.host.unreachable:
                 outcome = Outcome(user.user_id, scope)
-                outcome.fail(user_error or self.unreachable)  # type: ignore[arg-type]
+                outcome.fail(user_error or self.ctx.host.unreachable)  # type: ignore[arg-type]
             else:
                 outcome = sync_pair(self.ctx, self._worker(), user, scope)
                 if outcome.cause is not None and outcome.cause.user_wide:
                     user_error = outcome.cause
-                if isinstance(outcome.cause, ExchangeUnreachable):
-                    self.unreachable = outcome.cause
             self._report(outcome)
             outcomes.append(outcome)
         return outcomes

@@ -1,0 +1,244 @@
+"""A new user's first hour: the demo, the cron line with its environment file, the messages a
+first mistake earns, and the alerting an operator wires up (--status --max-age, metrics)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+import weex_sync
+from conftest import (
+    BTC,
+    DAY_MS,
+    ETH,
+    START_MS,
+    Database,
+    Harness,
+    finish,
+    make_account,
+    stored_fills,
+    wait_for,
+)
+
+HERE = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_demo_runs_when_db_port_points_where_nothing_answers(tmp_path):
+    """DB_PORT=5499 make demo: the demo falls back to a throwaway server, and its weex_sync
+    runs do not inherit DB_PORT (which would override the config it wrote)."""
+    env = {**os.environ, "DB_PORT": str(free_port())}
+    result = subprocess.run(
+        [sys.executable, str(HERE / "demo.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("(exit code 0)") == 4
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "throwaway PostgreSQL" in result.stdout
+
+
+def test_the_crontab_line_works_with_the_env_file_as_shipped(harness: Harness, db: Database, sim):
+    """config.yaml.example and weex_sync.env.example, filled in, under the crontab.example line
+    (run by bash with cron's bare environment): the pass runs and logs to log/."""
+    users = [make_account(sim, n, [BTC, ETH]) for n in (1, 2)]
+    for user in users:
+        sim.generate_fills(user.api_key, BTC, 40, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+    install = harness.tmp_path / "opt"
+    (install / "log").mkdir(parents=True)
+    shutil.copy(HERE / "weex_sync.py", install)
+    config = yaml.safe_load((HERE / "config.yaml.example").read_text())
+    config["sync"]["start_time"] = START_MS - DAY_MS  # what a user edits: where history starts
+    (install / "config.yaml").write_text(yaml.safe_dump(config))
+    env_file = (HERE / "weex_sync.env.example").read_text()
+    for n, user in enumerate(users, start=1):
+        for field in ("api_key", "secret_key", "passphrase"):
+            name = f"USER{n}_{field.upper()}"
+            env_file = re.sub(
+                f"^{name}=.*$", f"{name}='{getattr(user, field)}'", env_file, flags=re.MULTILINE
+            )
+    env_file += (
+        f"DB_HOST={harness.pg['host']}\nDB_PORT={harness.pg['port']}\nDB_USER={harness.pg['user']}\n"
+        f"DB_PASSWORD=''\nDB_NAME={harness.db_name}\nWEEX_BASE_URL={sim.base_url}\n"
+    )
+    (install / "weex_sync.env").write_text(env_file)
+    [line] = [
+        line for line in (HERE / "crontab.example").read_text().splitlines() if line[:1] == "*"
+    ]
+    command = line.split(None, 5)[5].replace("/opt/weex_sync", str(install))
+    command = command.replace(".venv/bin/python", sys.executable)
+
+    cron_env = {"PATH": "/usr/bin:/bin", "HOME": str(harness.tmp_path), "SHELL": "/bin/bash"}
+    result = subprocess.run(["/bin/bash", "-c", command], env=cron_env, timeout=120, check=False)
+
+    log = (install / "log" / "weex_sync.log").read_text()
+    assert result.returncode == 0, log
+    assert "pass " in log and "finished" in log and "0 failed" in log
+    for user in users:
+        assert stored_fills(db, user.user_id) == harness.expected(user, BTC)
+
+
+def test_without_a_config_file_it_says_where_it_looked(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert weex_sync.main(["--once"], environ={}) == 2
+    err = capsys.readouterr().err
+    assert f"no config file: looked for {tmp_path / 'config.yaml'}" in err
+    assert str(HERE / "config.yaml") in err or (HERE / "config.yaml").exists()
+    assert "weex.api_key" not in err
+
+
+def test_an_unreachable_exchange_is_one_line_per_pair_and_fails_fast(
+    harness: Harness, db: Database, sim
+):
+    harness.fleet(3, fills=1, symbols=(BTC,))
+    harness.weex.update(base_url=f"http://127.0.0.1:{free_port()}", max_retries=3)
+    harness.sync["workers"] = 1
+    config = harness.config()
+    config["weex"]["base_url"] = harness.weex["base_url"]
+
+    began = time.monotonic()
+    assert harness.run("-q", config=config) == 1
+    took = time.monotonic() - began
+
+    lines = harness.last_log.strip().splitlines()
+    assert len(lines) == 4, lines  # three pairs and the summary
+    assert all("cannot reach the exchange: connection to 127.0.0.1" in line for line in lines[:3])
+    assert "Retrying" not in harness.last_log and "urllib3" not in harness.last_log
+    assert took < 6  # the first pair's retries (0.5 + 1 + 2 s at most), then at once
+    assert [r["requests_count"] for r in db.status()] == [0, 0, 0]  # nothing went out
+
+
+def test_the_smaller_things_a_new_user_meets(harness: Harness, db: Database, sim):
+    harness.accounts = [make_account(sim, 1, [BTC, ETH])]
+    assert harness.run() == 0
+    assert "1 user, 2 (user, symbol) pairs" in harness.last_log  # not "1 users"
+
+    assert harness.run("--symbol", "SOLUSDT") == 2  # the v3 form is understood, and explained
+    assert "--symbol cmt_solusdt: not configured" in harness.last_log
+    assert "listed: cmt_btcusdt, cmt_ethusdt" in harness.last_log
+
+    harness.database["port"] = free_port()
+    assert harness.run() == 3
+    [line] = harness.last_log.strip().splitlines()
+    assert "Connection refused; Is the server running" in line  # the line break kept as "; "
+
+
+def test_sigterm_between_loop_passes_says_what_happens(harness: Harness, db: Database, sim):
+    harness.accounts = [make_account(sim, 1)]
+    process = harness.popen("--loop", "60")
+    wait_for(lambda: db.scalar("SELECT count(*) FROM sync_status") == 1)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)
+    code, err = finish(process, timeout=10)
+    assert code == 0
+    assert "SIGTERM received: stopping" in err
+    assert "finishing the current" not in err
+    assert err.strip().splitlines()[-1].endswith("stopped after 1 pass")
+
+
+def test_the_simulator_tells_how_to_use_it():
+    result = subprocess.run(
+        [sys.executable, str(HERE / "weex_sim.py"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "demo-key-1" in result.stdout and "demo-pass-1" in result.stdout
+    assert "base_url" in result.stdout
+
+
+def test_check_prints_a_credential_problem_in_full(harness: Harness, db: Database, sim):
+    account = make_account(sim, 1)
+    account.passphrase = "wrong-passphrase"
+    harness.accounts = [account]
+    assert harness.run("--check") == 1
+    table, problem = harness.out.split("\n")[1:3], harness.out.strip().splitlines()[-1]
+    assert "FAILED (below)" in table[1]
+    assert problem.startswith("user1: credentials rejected (HTTP 401")
+    assert problem.endswith("check this user's api_key, secret_key and passphrase; not retried")
+    assert "wrong-passphrase" not in harness.out
+
+
+# --- alerting ----------------------------------------------------------------------------
+
+
+def test_status_max_age_is_a_healthcheck(harness: Harness, db: Database, sim):
+    accounts = harness.fleet(2, fills=30, symbols=(BTC,))
+    assert harness.run() == 0
+    assert harness.run("--status", "--max-age", "10m") == 0
+    assert harness.out.strip() == "OK: all 2 pairs synced successfully within 600s"
+
+    db.rows(
+        "UPDATE sync_status SET last_sync_time = now() - interval '2 hours' WHERE user_id = 'user2'"
+    )
+    accounts[1].secret_key = "wrong"
+    harness.accounts.append(make_account(sim, 3))
+    harness.run("--user", "user2")  # fails: user2's last success stays 2 hours old
+
+    assert harness.run("--status", "--max-age", "10m") == 1
+    lines = harness.out.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("STALE user2/cmt_btcusdt: last success 2h ago; latest pass failed: ")
+    assert "credentials rejected" in lines[0]
+    assert lines[1] == "STALE user3/cmt_btcusdt: never synced successfully"
+
+    assert harness.run("--status", "--max-age", "10m", "--json") == 1
+    stale = {row["user_id"]: row["stale"] for row in yaml.safe_load(harness.out)}
+    assert stale == {"user1": False, "user2": True, "user3": True}
+    assert harness.run("--status", "--max-age", "soon") == 2
+
+
+def test_metrics_file_is_prometheus_text_and_counters_carry_on(
+    harness: Harness, db: Database, sim, tmp_path
+):
+    accounts = harness.fleet(2, fills=120, symbols=(BTC,))
+    metrics = tmp_path / "textfile" / "weex_sync.prom"
+    metrics.parent.mkdir()
+    assert harness.run("--metrics-file", str(metrics)) == 0
+    sim.add_fill(accounts[0].api_key, BTC, created_time=int(time.time() * 1000) - 500)
+    accounts[1].secret_key = "wrong"
+    assert harness.run("--metrics-file", str(metrics)) == 1
+
+    families = {f.name: f for f in text_string_to_metric_families(metrics.read_text())}
+
+    def value(name: str, **labels) -> float:
+        family = families[name.removesuffix("_total")]
+        [sample] = [
+            s
+            for s in family.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        ]
+        return sample.value
+
+    assert families["weex_sync_fills_inserted"].type == "counter"  # weex_sync_..._total
+    assert value("weex_sync_fills_inserted_total", user="user1", symbol=BTC) == 121
+    assert value("weex_sync_fills_inserted_total", user="user2", symbol=BTC) == 120
+    assert value("weex_sync_passes_total") == 2
+    assert value("weex_sync_pair_errors_total", user="user2", symbol=BTC) == 1
+    assert value("weex_sync_last_sync_success", user="user1", symbol=BTC) == 1
+    assert value("weex_sync_last_sync_success", user="user2", symbol=BTC) == 0
+    success = value("weex_sync_last_success_timestamp_seconds", user="user2", symbol=BTC)
+    assert time.time() - 60 < success < time.time()
+    assert value("weex_sync_pass_exit_code") == 1
+    assert value("weex_sync_pass_pairs", outcome="error") == 1
+    assert value("weex_sync_requests_total", user="user1", symbol=BTC) >= 2
+    assert not list(metrics.parent.glob(".weex_sync_metrics.*"))  # written atomically
