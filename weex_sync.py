@@ -675,6 +675,17 @@ def setup_logging(level: str, redact: Redactor, fmt: str = "text", quiet: bool =
 # =============================================================================================
 
 
+class FillFields(NamedTuple):
+    """Where a fill object of one API version keeps what trade_fills needs (besides orderId,
+    symbol and the price, see parse_fill)."""
+
+    trade_id: str
+    time: str
+    side: str
+    size: str
+    fee: str
+
+
 @dataclass(frozen=True)
 class Api:
     """What differs between the two versions of the fills endpoint (see ../shared/weex-api.md)."""
@@ -687,6 +698,7 @@ class Api:
     max_span_ms: int | None  # the longest endTime - startTime one request may ask for
     horizon_ms: int | None  # how far back startTime may reach
     codes: Mapping[str, str]  # error code -> what it means (see classify_response)
+    fields: FillFields
 
 
 V2 = Api(
@@ -704,6 +716,7 @@ V2 = Api(
         "40017": "parameter",
         "40034": "symbol",
     },
+    fields=FillFields("tradeId", "createdTime", "orderSide", "fillSize", "fillFee"),
 )
 V3 = Api(
     version=3,
@@ -726,6 +739,7 @@ V3 = Api(
         **dict.fromkeys(("-1170", "-1171"), "range"),
         **dict.fromkeys(("-1054", "-1000"), "busy"),
     },
+    fields=FillFields("id", "time", "side", "qty", "commission"),
 )
 APIS = {2: V2, 3: V3}
 FILLS_WEIGHT = 5
@@ -1310,13 +1324,11 @@ def parse_answer(api: Api, body: Any, scope: str, start: int, end: int, limit: i
     its own "now" is bad data, never a cursor position), or BadData naming what is wrong."""
     if api.version == 2:
         items, more, total = _v2_envelope(body)
-        parse = parse_fill_v2
     else:
         if not isinstance(body, list):
             raise BadData(f"answer is a JSON {type(body).__name__}, not the array of fills")
         items, more, total = body, len(body) >= limit, None
-        parse = parse_fill_v3
-    fills = _distinct([parse(item, scope) for item in items])
+    fills = _distinct([parse_fill(api, item, scope) for item in items])
     for f in fills:
         if not start <= f.trade_time <= end:
             raise BadData(
@@ -1360,52 +1372,45 @@ def _distinct(fills: list[Fill]) -> list[Fill]:
     return out
 
 
-def parse_fill_v2(obj: Any, scope: str) -> Fill:
-    """A fill of ``GET /capi/v2/order/fills``, or BadData naming the field. Never guesses."""
+def parse_fill(api: Api, obj: Any, scope: str) -> Fill:
+    """One fill of the answer, validated, or BadData naming the field. Never guesses."""
     if not isinstance(obj, dict):
         raise BadData(f"fill is a {type(obj).__name__}, not an object")
-    trade_id = _id_field(obj, "tradeId")
-    where = f"fill tradeId={trade_id}"
+    names = api.fields
+    trade_id = _id_field(obj, names.trade_id)
+    where = f"fill {names.trade_id}={trade_id}"
     order_id = _id_field(obj, "orderId", where)
-    trade_time = _time_field(obj, "createdTime", where)
+    trade_time = _time_field(obj, names.time, where)
     symbol = _fill_symbol(obj.get("symbol"), scope, where)
-    side = _side(obj, "orderSide", where)
-    size = _decimal_field(obj, "fillSize", where, positive=True)
-    fee = _decimal_field(obj, "fillFee", where)
+    side = _side(obj, names.side, where)
+    size = _decimal_field(obj, names.size, where, positive=True)
+    fee = _decimal_field(obj, names.fee, where)
+    if api.version == 2:
+        price, coin = _v2_price(obj, size, where), fee_coin(symbol)
+    else:
+        price, coin = _decimal_field(obj, "price", where, positive=True), _coin(obj, where)
+    raw = to_json_checked(obj, where)
+    return Fill(trade_id, order_id, symbol, side, price, size, fee, coin, trade_time, raw)
+
+
+def _v2_price(obj: dict, size: Decimal, where: str) -> Decimal:
+    """v2: the fill's price field if it has one, else fillValue / fillSize, exactly."""
     value = None
     if obj.get("fillValue") not in (None, ""):
         value = _decimal_field(obj, "fillValue", where, positive=True)
     price_field = next((f for f in V2_PRICE_FIELDS if obj.get(f) not in (None, "")), None)
     if price_field:
-        price = _decimal_field(obj, price_field, where, positive=True)
-    elif value is not None:
-        price = exact_quotient(value, size)
-    else:
+        return _decimal_field(obj, price_field, where, positive=True)
+    if value is None:
         raise BadData(f"{where}: neither a price nor fillValue; the price is undefined")
-    raw = to_json_checked(obj, where)
-    return Fill(
-        trade_id, order_id, symbol, side, price, size, fee, fee_coin(symbol), trade_time, raw
-    )
+    return exact_quotient(value, size)
 
 
-def parse_fill_v3(obj: Any, scope: str) -> Fill:
-    """A fill of ``GET /capi/v3/userTrades``, or BadData naming the field. Never guesses."""
-    if not isinstance(obj, dict):
-        raise BadData(f"fill is a {type(obj).__name__}, not an object")
-    trade_id = _id_field(obj, "id")
-    where = f"fill id={trade_id}"
-    order_id = _id_field(obj, "orderId", where)
-    trade_time = _time_field(obj, "time", where)
-    symbol = _fill_symbol(obj.get("symbol"), scope, where)
-    side = _side(obj, "side", where)
-    price = _decimal_field(obj, "price", where, positive=True)
-    size = _decimal_field(obj, "qty", where, positive=True)
-    fee = _decimal_field(obj, "commission", where)
+def _coin(obj: dict, where: str) -> str:
     coin = obj.get("commissionAsset")
     if not (isinstance(coin, str) and COIN_RE.fullmatch(coin)):
         raise BadData(f"{where}: commissionAsset {_shown(coin)} is not a coin such as USDT")
-    raw = to_json_checked(obj, where)
-    return Fill(trade_id, order_id, symbol, side, price, size, fee, coin, trade_time, raw)
+    return coin
 
 
 def _id_field(obj: dict, name: str, where: str = "fill") -> str:
@@ -1708,7 +1713,7 @@ def resolve_burst(
         per_order = fetch_answer(client, scope, ms, ms, page_size, order_id)
         if per_order.full:
             raise ExchangeError(
-                f"order {order_id} has more than {page_size - 1} fills in millisecond {ms} "
+                f"order {order_id} has {page_size} or more fills in millisecond {ms} "
                 f"({format_ms(ms)}); the API cannot page within one millisecond, so the sync "
                 "of this symbol stops before it (reported every pass)"
             )
