@@ -2496,6 +2496,80 @@ def clamp_to_horizon(cursor: Cursor, end: int, api: Api, name: str) -> Cursor:
     return replace(cursor, synced_through=horizon)
 
 
+def stalest_first(db: DatabaseConfig, users: list[UserConfig]) -> list[UserConfig]:
+    """Users whose pairs were synced least recently first (never synced: before all), so a
+    pass cut short by --max-seconds leaves the freshest for the next one."""
+    store = Store(db)
+    try:
+        synced = store.last_synced()
+    finally:
+        store.close()
+    never = dt.datetime.min.replace(tzinfo=dt.UTC)
+
+    def staleness(user: UserConfig) -> dt.datetime:
+        return min(synced.get((user.user_id, s), never) for s in user.symbols)
+
+    return sorted(users, key=staleness)
+
+
+def log_pass_start(ctx: PassContext, users: list[UserConfig]) -> None:
+    options = ctx.options
+    mode = " (dry run)" if options.dry_run else ""
+    if options.repair:
+        until = format_ms(options.until) if options.until else "now"
+        mode += f" (re-scan {format_ms(options.since)} .. {until})"
+    pairs = sum(len(u.symbols) for u in users)
+    log.info(
+        "pass %s started%s: %s, %s, %d workers, API v%d",
+        ctx.pass_id,
+        mode,
+        plural(len(users), "user"),
+        plural(pairs, "(user, symbol) pair"),
+        ctx.cfg.sync.workers,
+        ctx.cfg.weex.api_version,
+        extra={"event": "pass_start", "pass_id": ctx.pass_id},
+    )
+
+
+def log_pass_summary(ctx: PassContext, outcomes: list[Outcome], seconds: float) -> None:
+    counts = {
+        s: sum(o.status == s for o in outcomes)
+        for s in ("success", "error", "skipped", "interrupted", "left")
+    }
+    totals = {
+        "fetched": sum(o.fetched for o in outcomes),
+        "inserted": sum(o.inserted for o in outcomes),
+        "late": sum(o.late for o in outcomes),
+        "requests": sum(o.requests for o in outcomes),
+    }
+    left = f"; {counts['left']} left for the next pass (time limit)" if counts["left"] else ""
+    log.log(
+        logging.ERROR if counts["error"] else logging.INFO,
+        "pass %s finished in %.1fs: %d ok, %d failed, %d skipped, %d interrupted%s; "
+        "fetched=%d %s=%d late=%d requests=%d%s",
+        ctx.pass_id,
+        seconds,
+        counts["success"],
+        counts["error"],
+        counts["skipped"],
+        counts["interrupted"],
+        left,
+        totals["fetched"],
+        "new" if ctx.options.dry_run else "inserted",
+        totals["inserted"],
+        totals["late"],
+        totals["requests"],
+        " (dry run: nothing written)" if ctx.options.dry_run else "",
+        extra={
+            "event": "pass_done",
+            "pass_id": ctx.pass_id,
+            "duration_ms": int(seconds * 1000),
+            **{f"{k}_count": v for k, v in counts.items()},
+            **totals,
+        },
+    )
+
+
 class StopNow(Exception):
     """Requests still in flight after STOP_GRACE_SECONDS of a stop request: main() exits at
     once (crash safety makes that harmless)."""
@@ -2517,14 +2591,14 @@ class SyncPass:
     def run(self, users: list[UserConfig]) -> list[Outcome]:
         started = time.monotonic()
         self.ctx.clock.ensure_measured(self.cfg.weex, APIS[self.cfg.weex.api_version])
-        users = self._stalest_first(users)
-        self._log_start(users)
+        users = stalest_first(self.cfg.database, users)
+        log_pass_start(self.ctx, users)
         try:
             outcomes = self._run_pool(users)
         finally:
             for worker in self._workers:
                 worker.close()
-        self._log_summary(outcomes, time.monotonic() - started)
+        log_pass_summary(self.ctx, outcomes, time.monotonic() - started)
         return outcomes
 
     def _run_pool(self, users: list[UserConfig]) -> list[Outcome]:
@@ -2588,77 +2662,6 @@ class SyncPass:
         except Exception:  # logged with its traceback; the pass goes on
             log.exception("%s: cannot record sync_status", outcome.name)
         outcome.log(self.ctx.options.dry_run)
-
-    def _stalest_first(self, users: list[UserConfig]) -> list[UserConfig]:
-        """Users whose pairs were synced least recently first (never synced: before all), so a
-        pass cut short by --max-seconds leaves the freshest for the next one."""
-        store = Store(self.cfg.database)
-        try:
-            synced = store.last_synced()
-        finally:
-            store.close()
-        never = dt.datetime.min.replace(tzinfo=dt.UTC)
-
-        def staleness(user: UserConfig) -> dt.datetime:
-            return min(synced.get((user.user_id, s), never) for s in user.symbols)
-
-        return sorted(users, key=staleness)
-
-    def _log_start(self, users: list[UserConfig]) -> None:
-        options = self.ctx.options
-        mode = " (dry run)" if options.dry_run else ""
-        if options.repair:
-            until = format_ms(options.until) if options.until else "now"
-            mode += f" (re-scan {format_ms(options.since)} .. {until})"
-        pairs = sum(len(u.symbols) for u in users)
-        log.info(
-            "pass %s started%s: %s, %s, %d workers, API v%d",
-            self.ctx.pass_id,
-            mode,
-            plural(len(users), "user"),
-            plural(pairs, "(user, symbol) pair"),
-            self.cfg.sync.workers,
-            self.cfg.weex.api_version,
-            extra={"event": "pass_start", "pass_id": self.ctx.pass_id},
-        )
-
-    def _log_summary(self, outcomes: list[Outcome], seconds: float) -> None:
-        counts = {
-            s: sum(o.status == s for o in outcomes)
-            for s in ("success", "error", "skipped", "interrupted", "left")
-        }
-        totals = {
-            "fetched": sum(o.fetched for o in outcomes),
-            "inserted": sum(o.inserted for o in outcomes),
-            "late": sum(o.late for o in outcomes),
-            "requests": sum(o.requests for o in outcomes),
-        }
-        left = f"; {counts['left']} left for the next pass (time limit)" if counts["left"] else ""
-        log.log(
-            logging.ERROR if counts["error"] else logging.INFO,
-            "pass %s finished in %.1fs: %d ok, %d failed, %d skipped, %d interrupted%s; "
-            "fetched=%d %s=%d late=%d requests=%d%s",
-            self.ctx.pass_id,
-            seconds,
-            counts["success"],
-            counts["error"],
-            counts["skipped"],
-            counts["interrupted"],
-            left,
-            totals["fetched"],
-            "new" if self.ctx.options.dry_run else "inserted",
-            totals["inserted"],
-            totals["late"],
-            totals["requests"],
-            " (dry run: nothing written)" if self.ctx.options.dry_run else "",
-            extra={
-                "event": "pass_done",
-                "pass_id": self.ctx.pass_id,
-                "duration_ms": int(seconds * 1000),
-                **{f"{k}_count": v for k, v in counts.items()},
-                **totals,
-            },
-        )
 
 
 def plural(n: int, noun: str) -> str:
@@ -2798,9 +2801,10 @@ def _status_table(rows: list[dict]) -> str:
     return format_table(headers, table)
 
 
-def check_credentials(cfg: Config, user: UserConfig, session: requests.Session) -> str | None:
+def check_credentials(
+    cfg: Config, user: UserConfig, session: requests.Session, limiter: RateLimiter
+) -> str | None:
     """None if one signed fills request (limit 1, the last hour) succeeds, else why not."""
-    limiter = RateLimiter(replace(cfg.weex.rate_limit, shared_file=""), "check")
     client = FillsClient(cfg.weex, user, session, ServerClock(), limiter, Stop())
     end = client.clock.now_ms()
     try:
@@ -2818,10 +2822,11 @@ def run_check(cfg: Config, users: list[UserConfig], redact: Redactor) -> int:
     latest = {(r["user_id"], r["symbol"]): r["status"] for r in pair_status(cfg, users)}
     store = Store(cfg.database)
     session = make_session(cfg.weex)
+    limiter = RateLimiter(cfg.weex.rate_limit, urlsplit(cfg.weex.base_url).netloc)
     table, problems = [], []
     try:
         for user in users:
-            problem = check_credentials(cfg, user, session)
+            problem = check_credentials(cfg, user, session, limiter)
             if problem:
                 problems.append(f"{user.user_id}: {printable(redact(problem))}")
             for symbol in user.symbols:
