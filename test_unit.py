@@ -128,6 +128,8 @@ class FakeExchange:
 
     def get_fills(self, scope, start, end, limit, order_id):
         self.requests += 1
+        if self.api.max_span_ms is not None:
+            assert end - start <= self.api.max_span_ms, "a request over more than 7 days"
         rows = [
             f
             for f in self.fills
@@ -238,8 +240,27 @@ def test_every_batch_cursor_owes_exactly_what_is_not_yet_read(api, newest_first,
 
 
 def test_the_cursor_during_a_window_names_the_owed_range_and_the_target():
+    plan = weex_sync.WindowPlan(100, 60, Cursor(100, last_end=5), 5, False)
     owed = [(10, 50, frozenset()), (70, 90, frozenset())]
-    assert weex_sync.cursor_while_owing(owed, 100, 5) == Cursor(10, 90, 100, 5)
+    assert plan.owing(owed) == Cursor(10, 90, 100, 5)  # both sides: one range over them
+    assert plan.owing([(10, 20, frozenset())]) == Cursor(10, 60, 100, 5)  # up to owed_to
+
+
+@pytest.mark.parametrize(("api", "newest_first", "shuffle"), ORDERS[:2])
+def test_a_long_owed_range_is_resumed_in_windows_the_api_allows(api, newest_first, shuffle):
+    """A v2 backfill interrupted far from its end, resumed on v3: the owed 60 days are read in
+    7-day windows, and every intermediate cursor still owes the rest."""
+    start = 1_700_000_000_000
+    fills = history(1200, start, 90 * DAY, seed=5)
+    owed = Cursor(start, start + 60 * DAY, start + 60 * DAY + 1)
+    exchange = FakeExchange(api, fills, newest_first)
+    end = start + 90 * DAY
+    batches, found = walk_all(exchange, start, end, cursor=owed)
+    assert found == {str(f["id"]) for f in fills}
+    for batch in batches[:-1]:  # resuming from any of them still finds the rest
+        _, rest = walk_all(FakeExchange(api, fills, newest_first), start, end, cursor=batch.cursor)
+        done = {f.trade_id for b in batches[: batches.index(batch) + 1] for f in b.fills}
+        assert done | rest == found
 
 
 def test_windows_cover_the_range_once_in_spans():

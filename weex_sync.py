@@ -1564,14 +1564,23 @@ def windows(start: int, end: int, span: int | None) -> Iterator[tuple[int, int]]
         lo = hi + 1
 
 
-def cursor_while_owing(
-    ranges: list[tuple[int, int, frozenset]], target: int, last_end: int | None
-) -> Cursor:
-    """The cursor of a window with ``ranges`` still to read: one owed range spanning them all
-    (conservative when both sides of a page are owed), then ``target``."""
-    low = min(r[0] for r in ranges)
-    high = max(r[1] for r in ranges)
-    return Cursor(low, high, target, last_end)
+class WindowPlan(NamedTuple):
+    """What the cursor says while a window is read: with [low, high] of it still unread it owes
+    [low, max(high, owed_to)] and then moves to ``target``; once the window is read it is
+    ``finished``. The pure half of the cursor rule (the other: walk_and_store commits it)."""
+
+    target: int
+    owed_to: int
+    finished: Cursor
+    last_end: int | None
+    done: bool  # the last window of the walk
+
+    def owing(self, ranges: list[tuple[int, int, frozenset]]) -> Cursor:
+        """One owed range spanning every unread range (conservative when a page left both of
+        its sides unread)."""
+        low = min(r[0] for r in ranges)
+        high = max(max(r[1] for r in ranges), self.owed_to)
+        return Cursor(low, high, self.target, self.last_end)
 
 
 def walk(
@@ -1583,52 +1592,37 @@ def walk(
     page_size: int,
 ) -> Iterator[Batch]:
     """Every fill of ``scope`` the cursor does not cover, up to ``end``: first what an
-    interrupted walk owes, then the windows (oldest first; v3 allows 7 days per request) up to
-    ``end``. Each batch carries the cursor to commit with it. The finished cursor stops at
+    interrupted walk owes, then the rest; both in windows the API allows (v3: 7 days), oldest
+    first. Each batch carries the cursor to commit with it. The finished cursor stops at
     ``settle`` (end minus the lookback): fills after it may still become visible, so the next
     walk starts there."""
+    span, last_end = client.api.max_span_ms, cursor.last_end
     start = cursor.synced_through
     if cursor.walk_end is not None and cursor.walk_target is not None:
-        last = cursor.walk_target > end
-        yield from walk_window(
-            client,
-            scope,
-            start,
-            cursor.walk_end,
-            cursor.walk_target,
-            page_size,
-            cursor.last_end,
-            done=last,
-        )
-        if last:
+        owed_to, target = cursor.walk_end, cursor.walk_target
+        parts = list(windows(start, owed_to, span))  # one, unless a v2 walk is resumed on v3
+        for i, (lo, hi) in enumerate(parts):
+            last_part = i == len(parts) - 1
+            finished = (
+                Cursor(target, last_end=last_end)
+                if last_part
+                else Cursor(hi + 1, owed_to, target, last_end)
+            )
+            plan = WindowPlan(target, owed_to, finished, last_end, last_part and target > end)
+            yield from walk_window(client, scope, lo, hi, page_size, plan)
+        if target > end:
             return
-        start = cursor.walk_target
-    for lo, hi in windows(start, end, client.api.max_span_ms):
-        last = hi == end
-        target = min(hi + 1, settle) if not last else settle
+        start = target
+    for lo, hi in windows(start, end, span):
+        target = min(hi + 1, settle)
+        finished = Cursor(target, last_end=end if hi == end else last_end)
         yield from walk_window(
-            client,
-            scope,
-            lo,
-            hi,
-            target,
-            page_size,
-            cursor.last_end,
-            done=last,
-            end=end if last else None,
+            client, scope, lo, hi, page_size, WindowPlan(target, hi, finished, last_end, hi == end)
         )
 
 
 def walk_window(
-    client: FillsClient,
-    scope: str,
-    lo: int,
-    hi: int,
-    target: int,
-    page_size: int,
-    last_end: int | None,
-    done: bool,
-    end: int | None = None,
+    client: FillsClient, scope: str, lo: int, hi: int, page_size: int, plan: WindowPlan
 ) -> Iterator[Batch]:
     """Every fill in [lo, hi], whatever order the exchange serves pages in. A full page of
     newest fills leaves [lo, oldest] to read next, a full page of oldest fills [newest, hi]:
@@ -1643,10 +1637,9 @@ def walk_window(
             more, new = _next_ranges(client, scope, a, b, answer, page_size, seen, new)
             todo.extend(more)
         if todo:
-            yield Batch(new, cursor_while_owing(todo, target, last_end), False)
+            yield Batch(new, plan.owing(todo), False)
         else:
-            finished_end = end if end is not None else last_end
-            yield Batch(new, Cursor(target, last_end=finished_end), done)
+            yield Batch(new, plan.finished, plan.done)
 
 
 def _next_ranges(
