@@ -238,7 +238,8 @@ def answer(request: Request, fills: list[dict], always: tuple | list = ()) -> Re
     limit = int(params.get("limit", 100))
     page = matching[:limit]
     if request.version == 2:
-        return Reply(body={"list": page, "nextFlag": len(matching) > limit, "totals": len(page)})
+        more = len(matching) > limit
+        return Reply(body={"list": page, "nextFlag": more, "totals": len(matching)})
     return Reply(body=page)
 
 
@@ -943,7 +944,7 @@ def test_8_an_open_transaction_on_the_view_does_not_block_a_pass(runner, exchang
 def test_8_an_upgrade_blocked_by_an_analyst_fails_with_exit_3_not_a_hang(
     runner, exchange, db, pg, monkeypatch
 ):
-    monkeypatch.setattr(weex_sync, "LOCK_TIMEOUT", "1s", raising=False)
+    monkeypatch.setattr(weex_sync, "LOCK_TIMEOUT", "1s")  # read by each connect()
     db.rows("DELETE FROM weex_sync_schema")  # an old schema: DDL must run
 
     with analyst(pg, db.name, "SELECT * FROM trade_fills_readable"):
@@ -963,7 +964,7 @@ def test_8_an_upgrade_blocked_by_an_analyst_fails_with_exit_3_not_a_hang(
 def test_8_a_lock_held_on_trade_fills_fails_the_pair_with_a_lock_timeout(
     runner, exchange, db, pg, monkeypatch, version
 ):
-    monkeypatch.setattr(weex_sync, "LOCK_TIMEOUT", "1s", raising=False)
+    monkeypatch.setattr(weex_sync, "LOCK_TIMEOUT", "1s")  # read by each connect()
     fill = make_fill(version, 1, START_MS + 10)
     exchange.fills = lambda request: answer(request, [fill])
 
@@ -1027,6 +1028,31 @@ def test_10a_a_secret_near_the_cut_of_an_exchange_message_is_scrubbed(runner, ex
     for user in runner.users:
         assert leaked(user.passphrase, seen) == [], user.user_id
     assert len(exchange.fills_requests()) == len(offsets)
+
+
+def secret_in_code(request: Request) -> Reply:
+    return Reply(400, {"code": request.headers["access-passphrase"], "msg": "x"})
+
+
+def secret_in_a_fill(request: Request) -> Reply:
+    qty = "A" * 40 + request.headers["access-passphrase"]
+    return answer(request, [], always=[make_fill(request.version, 1, START_MS + 10, qty=qty)])
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        pytest.param(secret_in_code, id="in the code field"),
+        pytest.param(secret_in_a_fill, id="near the cut of a fill value"),
+    ],
+)
+def test_10a_a_secret_anywhere_in_an_exchange_answer_is_scrubbed(runner, exchange, db, hostile):
+    exchange.fills = hostile
+
+    assert runner.run("--log-level", "DEBUG") == 1
+
+    seen = runner.log + repr(db.status())
+    assert leaked(runner.user.passphrase, seen) == []
 
 
 def test_10b_config_errors_never_echo_a_value_that_could_be_a_secret(runner, exchange):

@@ -1125,7 +1125,7 @@ def classify_response(
         body, parsed = None, False
     code = msg = None
     if isinstance(body, dict) and "code" in body:
-        code = printable(str(body["code"]), 20)
+        code = printable(scrub(str(body["code"])), 20)
         msg = printable(scrub(str(body.get("msg", ""))), 200)
     detail = f"HTTP {status}" + (f", code {code}: {msg}" if code is not None else "")
     kind = api.codes.get(code or "")
@@ -1471,7 +1471,9 @@ def _decimal_field(obj: dict, name: str, where: str, positive: bool = False) -> 
 
 
 def _shown(value: Any) -> str:
-    return "missing" if value is None else printable(repr(value), 60)
+    """A value in an error message. Not cut here: the message is cut once it has been scrubbed
+    of secrets (SyncPass._report), so no part of a secret can survive a cut."""
+    return "missing" if value is None else printable(repr(value))
 
 
 def exact_quotient(value: Decimal, size: Decimal) -> Decimal:
