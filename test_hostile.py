@@ -868,6 +868,43 @@ def test_7_a_connection_dropped_mid_body_is_retried(runner, exchange, db, versio
     assert only_status(db)["requests_count"] == 2 == len(exchange.fills_requests())
 
 
+@both_versions
+def test_7_every_retry_is_signed_afresh_and_charged_to_the_budget(runner, exchange, db, version):
+    """A retry never resends an old timestamp (after a long backoff it would be expired), and
+    each attempt counts against the machine's rate budget."""
+    runner.sync["start_time"] = now_ms() - DAY_MS
+    fill = make_fill(version, 1, now_ms() - 3_600_000)
+
+    def fills(request: Request) -> Reply:
+        if len(exchange.fills_requests()) <= 2:
+            return Reply(503, b"<html>busy</html>")
+        return answer(request, [fill])
+
+    exchange.fills = fills
+    runner.weex["max_retries"] = 3
+
+    assert runner.run() == 0, runner.log
+
+    attempts = exchange.fills_requests()
+    assert len(attempts) == 3 == only_status(db)["requests_count"]
+    stamps = [r.headers["access-timestamp"] for r in attempts]
+    assert len(set(stamps)) == 3
+    for request in attempts:
+        query = urlencode(request.params)
+        expected = weex_sync.sign(
+            runner.user.secret_key,
+            request.headers["access-timestamp"],
+            "GET",
+            request.path,
+            query,
+            "",
+        )
+        assert request.headers["access-sign"] == expected
+    budget = json.loads(Path(runner.weex["rate_limit"]["shared_file"]).read_text())
+    charged = {key: sum(w for _, w in entries) for key, entries in budget.items()}
+    assert sorted(charged.values()) == [15, 15]  # the IP and the key: 3 attempts x 5
+
+
 def test_7_sigterm_ends_the_process_within_seconds_in_every_waiting_state(runner, exchange, db):
     """Three processes, one in each state; weex_sync gives requests in flight
     STOP_GRACE_SECONDS (5), then exits at once."""
