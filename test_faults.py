@@ -38,7 +38,7 @@ pytestmark = pytest.mark.faults
 
 @all_apis
 def test_kill_9_at_random_moments_of_a_backfill_then_one_clean_pass(
-    harness: Harness, db: Database, sim
+    harness: Harness, db: Database, sim, api
 ):
     account = make_account(sim, 1)
     sim.generate_fills(
@@ -47,8 +47,10 @@ def test_kill_9_at_random_moments_of_a_backfill_then_one_clean_pass(
     sim.latency = 0.002
     harness.accounts = [account]
     rng = random.Random(20261126)  # seeded: a failure names reproducible kill points
-    # two kills at start-up moments, then ten at random points of the stored history
-    thresholds = [None, None] + sorted(rng.sample(range(300, 19_500), 10))
+    # two kills at start-up moments, then ten at random points of the stored history (six on
+    # the other APIs: the same walk code, a shorter suite)
+    random_kills = 10 if api.name == "v3-newest" else 6
+    thresholds = [None, None] + sorted(rng.sample(range(300, 19_500), random_kills))
     kills, resumed = [], 0
 
     for threshold in thresholds:
@@ -65,7 +67,7 @@ def test_kill_9_at_random_moments_of_a_backfill_then_one_clean_pass(
         resumed += "resuming an interrupted walk" in err
         wait_for(lambda: weex_sync_backends(db) == 0)  # PostgreSQL noticed the death
 
-    assert len(kills) >= 10, kills
+    assert len(kills) >= random_kills, kills
     assert resumed >= 1, "no pass resumed an interrupted walk: the kills missed the backfill"
     code, err = finish(harness.popen("--once"))
     assert code == 0, err
@@ -395,7 +397,7 @@ configs = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(configs)
 def test_fuzzed_configs_load_or_fail_with_one_clear_line(tmp_path_factory, data):
     path = tmp_path_factory.mktemp("fuzz") / "config.yaml"
