@@ -39,6 +39,26 @@ DAY_MS = 86_400_000
 START_MS = (int(time.time() * 1000) // DAY_MS - 40) * DAY_MS  # midnight UTC, 40 days ago
 SYMBOLS = ("cmt_btcusdt", "cmt_ethusdt")
 BTC, ETH = SYMBOLS
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def spawn_weex_sync(
+    *args: str, env: dict | None = None, wrapper: tuple[str, ...] = ()
+) -> subprocess.Popen:
+    """weex_sync.py as its own process, the way cron runs it (under ``wrapper``, a command that
+    runs the rest), with a bare environment (PATH and ``env``); stdout and stderr captured."""
+    return subprocess.Popen(
+        [*wrapper, sys.executable, str(HERE / "weex_sync.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={"PATH": os.environ.get("PATH", ""), **(env or {})},
+    )
+
+
 # The client's own rate limiter out of the way, unless a test is about it.
 NO_LIMIT = {"uid_weight": 1_000_000, "ip_weight": 10_000_000, "window_seconds": 10}
 
@@ -344,14 +364,7 @@ class Harness:
 
     def popen(self, *args: str, config: dict | None = None, env: dict | None = None):
         """weex_sync.py as its own process, the way cron runs it; stderr is captured."""
-        path = self.write_config(config)
-        process = subprocess.Popen(
-            [sys.executable, str(HERE / "weex_sync.py"), "-c", str(path), *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={"PATH": os.environ.get("PATH", ""), **(env or {})},
-        )
+        process = spawn_weex_sync("-c", str(self.write_config(config)), *args, env=env)
         self.processes.append(process)
         return process
 
@@ -390,6 +403,13 @@ def weex_sync_backends(db: Database) -> int:
     )
 
 
-def finish(process, timeout: float = 60.0) -> tuple[int, str]:
-    _, err = process.communicate(timeout=timeout)
+def finish(process: subprocess.Popen, timeout: float = 60.0) -> tuple[int, str]:
+    """(exit code, stderr) of a weex_sync process; one still running after ``timeout`` is
+    killed and fails the test with its log."""
+    try:
+        _, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, err = process.communicate()
+        raise AssertionError(f"weex_sync still running after {timeout}s; its log:\n{err}") from None
     return process.returncode, err

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,6 +20,7 @@ from conftest import (
     BTC,
     DAY_MS,
     ETH,
+    HERE,
     START_MS,
     Database,
     Harness,
@@ -29,8 +29,6 @@ from conftest import (
     stored_fills,
     wait_for,
 )
-
-HERE = Path(__file__).resolve().parent
 
 
 def free_port() -> int:

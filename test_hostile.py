@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
 import re
 import secrets
 import signal
@@ -35,11 +34,21 @@ import pytest
 import yaml
 
 import weex_sync
-from conftest import BTC, DAY_MS, ETH, START_MS, Database, database_exists
+from conftest import (
+    BTC,
+    DAY_MS,
+    ETH,
+    START_MS,
+    Database,
+    database_exists,
+    finish,
+    now_ms,
+    spawn_weex_sync,
+    wait_for,
+)
 
 pytestmark = pytest.mark.faults
 
-SCRIPT = Path(weex_sync.__file__).resolve()
 API_VERSION = 3  # what a test speaks unless it is parametrized over both versions
 both_versions = pytest.mark.parametrize("version", [2, 3], ids=["v2", "v3"])
 FILLS_PATHS = {"/capi/v2/order/fills": 2, "/capi/v3/userTrades": 3}
@@ -51,10 +60,6 @@ LOG_LINE_RE = re.compile(
 # error codes of each version, by meaning (see ../shared/weex-api.md)
 SYMBOL_CODE = {2: "40034", 3: -1121}
 CLOCK_CODE = {2: "40005", 3: -1043}
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def dumps(value: Any) -> str:
@@ -377,16 +382,8 @@ class Runner:
         """weex_sync.py as its own process, as cron or systemd runs it; with ``rss_file``, under
         a wrapper that writes its peak RSS there (see RSS_WRAPPER)."""
         path = self.write_config(config, name)
-        command = [sys.executable, str(SCRIPT), "-c", str(path), *args]
-        if rss_file is not None:
-            command = [sys.executable, "-c", RSS_WRAPPER, str(rss_file), *command]
-        process = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={"PATH": os.environ.get("PATH", ""), **(env or {})},
-        )
+        wrapper = () if rss_file is None else (sys.executable, "-c", RSS_WRAPPER, str(rss_file))
+        process = spawn_weex_sync("-c", str(path), *args, env=env, wrapper=wrapper)
         self.processes.append(process)
         return process
 
@@ -423,24 +420,6 @@ def runner(tmp_path, exchange, pg, test_db_name, db, capsys, version):
     runner = Runner(tmp_path, exchange, pg, test_db_name, capsys, version)
     yield runner
     runner.kill_leftovers()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 15.0, every: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(every)
-
-
-def finish(process: subprocess.Popen, timeout: float = 30.0) -> tuple[int, str]:
-    try:
-        _, err = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        _, err = process.communicate()
-        raise AssertionError(f"weex_sync still running after {timeout}s; its log:\n{err}")
-    return process.returncode, err
 
 
 def clean_lines(log: str) -> list[str]:

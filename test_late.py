@@ -19,16 +19,13 @@ from conftest import (
     all_apis,
     finish,
     make_account,
+    now_ms,
     stored_fills,
     wait_for,
     weex_sync_backends,
 )
 
 LATENESS_S = (5, 60, 110)  # all within the default lookback of 120 s
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def add_late_fills(sim, account, lateness_s=LATENESS_S, visible_in_ms: int = 400) -> list[dict]:

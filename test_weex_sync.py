@@ -17,6 +17,7 @@ from conftest import (
     BTC,
     DAY_MS,
     ETH,
+    HERE,
     START_MS,
     ApiMode,
     Database,
@@ -25,15 +26,10 @@ from conftest import (
     database_exists,
     expected_fills,
     make_account,
+    now_ms,
     stored_fills,
     v3_orders,
 )
-
-HERE = Path(__file__).resolve().parent
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def minimal_requests(times: list[int], start: int, end: int) -> int:
