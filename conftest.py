@@ -251,6 +251,17 @@ class Account:
     symbols: list[str] | str = field(default_factory=lambda: [BTC])
     enabled: bool = True
 
+    @classmethod
+    def new(cls, user_id: str, **fields) -> Account:
+        """An account with fresh random credentials."""
+        return cls(
+            user_id,
+            api_key=f"key-{user_id}-{secrets.token_hex(4)}",
+            secret_key=f"SECRET-{secrets.token_hex(8)}",
+            passphrase=f"PASS-{secrets.token_hex(8)}",
+            **fields,
+        )
+
     def as_config(self) -> dict:
         return {
             "user_id": self.user_id,
@@ -277,13 +288,7 @@ def sim(api: ApiMode) -> Simulator:
 
 
 def make_account(sim: Simulator, n: int, symbols: list[str] | str | None = None) -> Account:
-    account = Account(
-        user_id=f"user{n}",
-        api_key=f"key-{n}-{secrets.token_hex(4)}",
-        secret_key=f"SECRET-{n}-{secrets.token_hex(8)}",
-        passphrase=f"PASS-{n}-{secrets.token_hex(8)}",
-        symbols=symbols or [BTC],
-    )
+    account = Account.new(f"user{n}", symbols=symbols or [BTC])
     sim.add_account(account.api_key, account.secret_key, account.passphrase)
     return account
 

@@ -39,6 +39,7 @@ from conftest import (
     DAY_MS,
     ETH,
     START_MS,
+    Account,
     Database,
     database_exists,
     finish,
@@ -291,24 +292,6 @@ def make_fill(version: int, trade_id: Any, at: Any, contract: str = BTC, **chang
 # --- running weex_sync -------------------------------------------------------------------------
 
 
-@dataclass
-class User:
-    user_id: str
-    symbols: list[str] = field(default_factory=lambda: [BTC])
-    api_key: str = field(default_factory=lambda: f"key-{secrets.token_hex(6)}")
-    secret_key: str = field(default_factory=lambda: f"sec-{secrets.token_hex(12)}")
-    passphrase: str = field(default_factory=lambda: f"pp{secrets.token_hex(12)}")
-
-    def as_config(self) -> dict:
-        return {
-            "user_id": self.user_id,
-            "api_key": self.api_key,
-            "secret_key": self.secret_key,
-            "passphrase": self.passphrase,
-            "symbols": self.symbols,
-        }
-
-
 class Runner:
     """Writes a weex_sync config (the test database, the hostile exchange, user1) and runs it."""
 
@@ -324,7 +307,7 @@ class Runner:
         self.tmp_path = tmp_path
         self.capsys = capsys
         self.version = version
-        self.users = [User("user1")]
+        self.users = [Account.new("user1")]
         self.database: dict = {"dbname": db_name, **pg}
         self.weex: dict = {
             "base_url": exchange.base_url,
@@ -342,11 +325,11 @@ class Runner:
         self.log = self.out = ""
 
     @property
-    def user(self) -> User:
+    def user(self) -> Account:
         return self.users[0]
 
-    def add_user(self, user_id: str, **kwargs: Any) -> User:
-        user = User(user_id, **kwargs)
+    def add_user(self, user_id: str, **kwargs: Any) -> Account:
+        user = Account.new(user_id, **kwargs)
         self.users.append(user)
         return user
 
@@ -587,7 +570,7 @@ def run_cases(runner, exchange, db, cases: dict[str, tuple[dict, str | None]]) -
     return dict(zip(cases, runner.users, strict=True))
 
 
-def assert_rejected(db: Database, user: User, name: str, field_name: str) -> None:
+def assert_rejected(db: Database, user: Account, name: str, field_name: str) -> None:
     row = only_status(db, user.user_id)
     assert row["status"] == "error", (name, row)
     message = row["error_message"]
@@ -893,7 +876,7 @@ def test_7_sigterm_ends_the_process_within_seconds_in_every_waiting_state(runner
         "retry_after": Reply(429, b"", {"Retry-After": "3600"}),
     }
     runner.weex["timeout_seconds"] = 30  # only the stop can end the first two
-    users = {state: User(f"user_{state}") for state in states}
+    users = {state: Account.new(f"user_{state}") for state in states}
     by_key = {users[state].api_key: reply for state, reply in states.items()}
     exchange.fills = lambda request: by_key[request.key]
     processes = {}
@@ -1027,7 +1010,7 @@ def leaked(secret: str, text: str, size: int = 6) -> list[str]:
 
 def test_10a_a_secret_near_the_cut_of_an_exchange_message_is_scrubbed(runner, exchange, db):
     offsets = (180, 186, 190, 194, 197, 199)
-    runner.users = [User(f"user{offset}") for offset in offsets]
+    runner.users = [Account.new(f"user{offset}") for offset in offsets]
     offset_of = {u.api_key: o for u, o in zip(runner.users, offsets, strict=True)}
 
     def fills(request: Request) -> Reply:
@@ -1086,7 +1069,7 @@ def test_10b_config_errors_never_echo_a_value_that_could_be_a_secret(runner, exc
 
 
 def test_10c_a_redirect_to_another_host_is_not_followed(runner, exchange, second, db):
-    runner.users = [User("user302"), User("user307")]
+    runner.users = [Account.new("user302"), Account.new("user307")]
     status_of = {runner.users[0].api_key: 302, runner.users[1].api_key: 307}
 
     def fills(request: Request) -> Reply:
@@ -1147,7 +1130,7 @@ sys.exit(os.waitstatus_to_exitcode(status))
 def test_11_a_huge_body_and_a_gzip_bomb_fail_the_request_and_memory_stays_low(runner, exchange, db):
     huge = Reply(body=b"[" + b" " * HUGE_BODY + b"]")
     bomb = Reply(body=gzip_bomb(), headers={"Content-Encoding": "gzip"})
-    users = {"huge": User("user_huge"), "bomb": User("user_bomb")}
+    users = {"huge": Account.new("user_huge"), "bomb": Account.new("user_bomb")}
     replies = {users["huge"].api_key: huge, users["bomb"].api_key: bomb}
     exchange.fills = lambda request: replies[request.key]
     processes = {}
