@@ -826,14 +826,18 @@ def sign(secret_key: str, timestamp: str, method: str, path: str, query: str, bo
 
 
 class RateLimiter:
-    """The exchange's rolling-window budgets (weight per IP, weight per API key), kept by every
-    weex_sync process on this machine in one small JSON file under flock. So passes that overlap
-    (cron, --loop, a --since repair) share one IP budget between them, and a pass that starts
-    right after another knows what that one spent. Rolling windows, not token buckets: a bucket
-    of the same rate lets up to twice the budget through in one window (a full bucket plus its
-    refill) and earns 429s. ``margin`` pads the window for jitter between our clock and the
-    exchange's. Requests are recorded in buckets of BUCKET seconds, which keeps the file small
-    (a few hundred entries at most) and errs on the safe side (a bucket expires at its end)."""
+    """The exchange's rolling-window budgets: weight per IP and weight per API key.
+
+    The IP budget is kept by every weex_sync process of this machine in one small JSON file
+    under flock, so passes that overlap (cron, --loop, a --since repair) share it, and a pass
+    that starts right after another knows what that one spent. The per-key budgets stay in the
+    process: an account is synced by one pass at a time (its advisory lock), and keeping a
+    thousand accounts' windows in the file made every request parse them (half of an idle
+    fleet pass's CPU, measured). Rolling windows, not token buckets: a bucket of the same rate
+    lets up to twice the budget through in one window (a full bucket plus its refill) and earns
+    429s. ``margin`` pads the window for jitter between our clock and the exchange's. Requests
+    are recorded in buckets of BUCKET seconds, which keeps the file to a few hundred entries and
+    errs on the safe side (a bucket expires at its end)."""
 
     BUCKET = 0.05
 
@@ -866,8 +870,16 @@ class RateLimiter:
         uid_key = "uid " + hashlib.sha256(api_key.encode()).hexdigest()[:16]
         budgets = ((self.ip_key, self.cfg.ip_weight), (uid_key, self.cfg.uid_weight))
         while True:
-            with self._lock, self._state() as state:
-                wait = self._admit(state, time.time(), budgets, weight)
+            with self._lock, self._shared_state() as shared:
+                now = time.time()
+                state = {self.ip_key: shared.get(self.ip_key, [])}
+                state[uid_key] = self._own_state.get(uid_key, [])
+                wait = self._admit(state, now, budgets, weight)
+                shared[self.ip_key] = state[self.ip_key]
+                self._own_state[uid_key] = state[uid_key]
+                _forget_idle(shared, now - self.window)
+                if len(self._own_state) > 64:  # a fleet has thousands of keys
+                    _forget_idle(self._own_state, now - self.window)
             if wait is None:
                 return
             if stop.wait(wait):
@@ -891,8 +903,6 @@ class RateLimiter:
                     break
                 excess -= w
                 waits.append(at + self.window - now)
-        for key in [k for k, entries in state.items() if not entries]:
-            del state[key]
         if waits:
             return max(max(waits), 0.001)
         bucket = round(math.ceil(now / self.BUCKET) * self.BUCKET, 3)
@@ -905,7 +915,9 @@ class RateLimiter:
         return None
 
     @contextlib.contextmanager
-    def _state(self) -> Iterator[dict[str, list[list[float]]]]:
+    def _shared_state(self) -> Iterator[dict[str, list[list[float]]]]:
+        """The IP windows of the machine: from the shared file (locked meanwhile), or this
+        process's own when there is no file."""
         if self._fd is None:
             yield self._own_state
             return
@@ -924,6 +936,12 @@ class RateLimiter:
             os.pwrite(self._fd, data, 0)
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
+def _forget_idle(windows: dict[str, list[list[float]]], before: float) -> None:
+    """Drop the windows whose requests all lie before ``before``."""
+    for key in [k for k, entries in windows.items() if not entries or entries[-1][0] <= before]:
+        del windows[key]
 
 
 def make_session(cfg: WeexConfig, pool_size: int = 4) -> requests.Session:
