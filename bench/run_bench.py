@@ -53,6 +53,8 @@ SUMMARY_RE = re.compile(  # the last line of a weex_sync pass
     r"(?P<interrupted>\d+) interrupted(?:; (?P<left>\d+) left[^;]*)?; fetched=(?P<fetched>\d+) "
     r"\w+=(?P<inserted>\d+) late=(?P<late>\d+) requests=(?P<sent>\d+)"
 )
+LIVE: set[subprocess.Popen] = set()  # measured processes still running (killed on exit)
+POSTMASTER = [0]  # the pid of the PostgreSQL server at PG (set by main)
 STALEST_SQL = """
 SELECT extract(epoch FROM now() - min(last))::float
   FROM (SELECT max(last_sync_time) AS last FROM sync_status WHERE status = 'success'
@@ -418,9 +420,9 @@ def late_notes(r: Runner) -> list[str]:
 
 def cpu_notes(r: Runner, labels: tuple[str, ...]) -> list[str]:
     return [
-        f"{label} (median run): {m.wall_s:.1f} s wall; CPU s: client {m.cpu_s:.1f}, simulator "
-        f"{m.sim_cpu_s:.1f}, PostgreSQL and the rest {m.machine_cpu_s - m.cpu_s - m.sim_cpu_s:.1f}"
-        f" (of {os.cpu_count()} CPUs x wall = {os.cpu_count() * m.wall_s:.1f})"
+        f"{label} (median run): {m.wall_s:.1f} s wall; CPU s: client {m.cpu_s:.1f}, PostgreSQL "
+        f"{m.pg_cpu_s:.1f}, simulator {m.sim_cpu_s:.1f}, anyone else {m.others_cpu_s:.1f} (of "
+        f"{os.cpu_count()} CPUs x wall = {os.cpu_count() * m.wall_s:.1f})"
         for label, m in ((label, r.median(label)) for label in labels)
     ]
 
@@ -478,11 +480,12 @@ class Measured:
     cpu_s: float  # user + system of the process (wait4)
     rss_mb: float  # peak RSS (wait4)
     exit_code: int
-    machine_cpu_s: float  # CPU time of the whole machine meanwhile
     summary: dict  # weex_sync's pass summary line
     result: dict  # what a baseline printed (JSON)
     stderr_tail: str
-    sim_cpu_s: float = 0.0
+    sim_cpu_s: float = 0.0  # the simulator's CPU time meanwhile; for steps run side by side
+    pg_cpu_s: float = 0.0  # ... PostgreSQL's for the bench's databases, and
+    others_cpu_s: float = 0.0  # ... the rest of the machine's: anyone else's, a sign of noise
     requests: int = 0  # fills requests the simulator saw (with those of steps running beside)
     status_429: int = 0
     group_wall_s: float = 0.0  # until every step running beside it was done
@@ -499,11 +502,12 @@ class Measured:
 def measure(label: str, cmd: list[str], stdin: str = "", stop_after: float | None = None,
             **popen: Any) -> Measured:  # fmt: skip
     """Runs ``cmd`` to completion (SIGTERM after ``stop_after`` s); CPU and peak RSS come from
-    wait4() on exactly this child, the machine's CPU time from /proc/stat."""
+    wait4() on exactly this child."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        cpu_before, started = busy_cpu(), time.monotonic()
+        started = time.monotonic()
         popen.setdefault("env", child_env())
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err, **popen)
+        LIVE.add(proc)
         proc.stdin.write(stdin.encode())
         proc.stdin.close()
         timers = [threading.Timer(3600, proc.kill)]
@@ -512,10 +516,11 @@ def measure(label: str, cmd: list[str], stdin: str = "", stop_after: float | Non
         for timer in timers:
             timer.start()
         _, status, usage = os.wait4(proc.pid, 0)
-        wall, machine_cpu = time.monotonic() - started, busy_cpu() - cpu_before
+        wall = time.monotonic() - started
         for timer in timers:
             timer.cancel()
         proc.returncode = os.waitstatus_to_exitcode(status)
+        LIVE.discard(proc)
         out.seek(0)
         err.seek(0)
         stderr, stdout = err.read(), out.read().strip()
@@ -526,7 +531,6 @@ def measure(label: str, cmd: list[str], stdin: str = "", stop_after: float | Non
         cpu_s=round(usage.ru_utime + usage.ru_stime, 2),
         rss_mb=round(usage.ru_maxrss / 1024, 1),
         exit_code=proc.returncode,
-        machine_cpu_s=round(machine_cpu, 2),
         summary={k: int(v or 0) for k, v in summary[-1].groupdict().items()} if summary else {},
         result=json.loads(stdout.splitlines()[-1]) if stdout.startswith("{") else {},
         stderr_tail="".join(stderr.splitlines(keepends=True)[-15:]),
@@ -540,6 +544,53 @@ def busy_cpu() -> float:
     """CPU seconds the machine has spent on anything but idling, since boot."""
     t = psutil.cpu_times()
     return t.user + t.nice + t.system + t.irq + t.softirq + t.steal
+
+
+def wait_quiet(patience: float = 600) -> None:
+    """Waits (up to ``patience`` s) until nobody else keeps the machine busy: less than 15 % of
+    its CPUs used over 2 s while the bench itself is idle. Noise that starts later shows in the
+    runs' others_cpu_s."""
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        before = busy_cpu()
+        time.sleep(2)
+        used = (busy_cpu() - before) / 2 / (os.cpu_count() or 1)
+        if used < 0.15:
+            return
+        log(f"  the machine is {used:.0%} busy with something else: waiting")
+
+
+class PostgresCpu(threading.Thread):
+    """CPU seconds of the PostgreSQL processes working for the bench (backends of bench_*
+    databases, the server's background processes), polled every 0.1 s until stop()."""
+
+    CLIENT = re.compile(r"\d+\.\d+\.\d+\.\d+\(\d+\)|\[local\]")
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.first, self.done = self.sample(), threading.Event()
+        self.last = dict(self.first)
+        self.start()
+
+    def run(self) -> None:
+        while not self.done.wait(0.1):
+            self.last.update(self.sample())
+
+    def stop(self) -> float:
+        self.done.set()
+        self.join()
+        self.last.update(self.sample())
+        return sum(used - self.first.get(pid, 0.0) for pid, used in self.last.items())
+
+    @classmethod
+    def sample(cls) -> dict[int, float]:
+        used = {}
+        for p in psutil.process_iter(["ppid", "cpu_times", "cmdline"]):
+            t, title = p.info["cpu_times"], " ".join(p.info["cmdline"] or ())
+            ours = " bench_" in title or not cls.CLIENT.search(title)
+            if t and POSTMASTER[0] in (p.pid, p.info["ppid"]) and ours:
+                used[p.pid] = t.user + t.system
+        return used
 
 
 def log(text: str) -> None:
@@ -573,7 +624,7 @@ class Runner:
         self.profiles: dict[str, str] = {}
         self.sim: SimProcess | None = None
         self.budget_window = 0.0  # > 0 while the simulator enforces a rate budget
-        self.t0 = int(time.time() * 1000)  # now; the late scenario's minute 0 (server time)
+        self.t0 = self.minute = int(time.time() * 1000)  # now; the late scenario's minute 0
 
     def median(self, label: str) -> Measured:
         runs = sorted(self.results[label], key=lambda m: m.wall_s)
@@ -602,6 +653,8 @@ class Runner:
                 self.run_steps(together)
             return [figure_row(self.sc.name, f, self) for f in self.sc.figures]
         finally:
+            for proc in list(LIVE):  # only after an error or a signal
+                proc.kill()
             if self.sim:
                 self.sim.close()
             for name in self.dbs.values():
@@ -629,12 +682,14 @@ class Runner:
             log(f"{self.sc.name}: {', '.join(s.label for s in together)} ({i + 1}/{first.repeat})")
             if self.budget_window:  # start with an empty budget, in the client and the exchange
                 time.sleep(self.budget_window + 0.5)
+            wait_quiet()
             self.run_together(together)
 
     def run_together(self, together: list[Step]) -> None:
         """The steps side by side, each started ``start_at`` after the one before."""
         prepared = [self.prepare(step) for step in together]
         before = self.sim.call({"cmd": "reset_stats"}) if self.sim else {}
+        cpu = (busy_cpu(), sum(psutil.Process().cpu_times()[:2]), PostgresCpu())
         started = time.monotonic()
         runs: list[Measured] = []
 
@@ -651,6 +706,9 @@ class Runner:
         for thread in threads:
             thread.join()
         stats = self.sim.call({"cmd": "stats"}) if self.sim else {}
+        sim_cpu = round(stats.get("cpu_seconds", 0) - before.get("cpu_seconds", 0), 2)
+        pg_cpu, own_cpu = cpu[2].stop(), sum(psutil.Process().cpu_times()[:2]) - cpu[1]
+        others = busy_cpu() - cpu[0] - own_cpu - pg_cpu - sim_cpu - sum(m.cpu_s for m in runs)
         for step, (_, _, db) in zip(together, prepared):
             run = next(m for m in runs if m.label == step.label)
             run.group_wall_s = round(time.monotonic() - started, 1)
@@ -659,7 +717,11 @@ class Runner:
                 stats.get("status_429", 0),
             )
             run.ok_times = stats.get("fills_ok_times", [])
-            run.sim_cpu_s = round(stats.get("cpu_seconds", 0) - before.get("cpu_seconds", 0), 2)
+            run.sim_cpu_s, run.pg_cpu_s, run.others_cpu_s = (
+                sim_cpu,
+                round(pg_cpu, 2),
+                round(others, 2),
+            )
             self.results.setdefault(step.label, []).append(run)
             self.verify(step, run, db, before.get("now_ms", 0))
             if self.profile and step.run == "weex_sync" and not step.db and not self.profiles:
@@ -741,14 +803,14 @@ class Runner:
         run.stale_s = sql(STALEST_SQL, dbname=db)[0][0]
 
     def tick(self, step: Step) -> None:
-        """Minute k of the late-fills scenario: the simulator's clock moves to t0 + k minutes
-        (without waiting for it), every busy account gets 1-60 new fills in the last 30 s and,
-        but in the last minute, a quarter of them one fill that shows 5-110 s late, at a moment
-        between this minute's passes and the next minute's."""
+        """The late-fills scenario's next minute: the simulator's clock moves a minute on from
+        the last (without waiting for it; further if the last minute's passes took more than
+        30 s), every busy account gets 1-60 new fills in the last 30 s and, but in the last
+        minute, a quarter of them one fill that shows 5-110 s late, at a moment between this
+        minute's passes and the next minute's."""
         k, group = step.config["minute"], step.group
-        minute = self.t0 + k * MINUTE_MS
         now = self.sim.call({"cmd": "stats"})["now_ms"]
-        check(now < minute - 30_000, f"the passes of minute {k - 1} took more than 30 s")
+        minute = self.minute = max(self.minute + MINUTE_MS, now + 30_000)
         self.sim.call({"cmd": "set", "clock_offset_ms": minute - int(time.time() * 1000)})
         rng, fills, late = random.Random(k), [], []
         for i, a in enumerate(self.accounts[group]):
@@ -882,6 +944,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="one extra run under py-spy")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # finally: clean up, then exit
+    conn = psycopg2.connect(dbname="postgres", **PG)
+    POSTMASTER[0] = psutil.Process(conn.get_backend_pid()).ppid()
+    conn.close()
     code_before, t0, started = code_hashes(), time.monotonic(), dt.datetime.now(dt.UTC)
     rows, runs, notes, profiles, errors = [], {}, {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="weex_bench_") as tmp:
