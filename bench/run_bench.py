@@ -13,6 +13,7 @@ usage: run_bench.py [--quick] [--only NAME ...] [--profile]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -32,7 +33,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import psutil
 import psycopg2
@@ -562,9 +563,12 @@ def wait_quiet(patience: float = 600) -> None:
 
 class PostgresCpu(threading.Thread):
     """CPU seconds of the PostgreSQL processes working for the bench (backends of bench_*
-    databases, the server's background processes), polled every 0.1 s until stop()."""
+    databases, the server's background processes), polled every 0.5 s until stop() (a process
+    that exits meanwhile loses at most its last 0.5 s); whether a process is ours is decided
+    once per pid."""
 
     CLIENT = re.compile(r"\d+\.\d+\.\d+\.\d+\(\d+\)|\[local\]")
+    ours: ClassVar[dict[int, bool]] = {}
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
@@ -573,7 +577,7 @@ class PostgresCpu(threading.Thread):
         self.start()
 
     def run(self) -> None:
-        while not self.done.wait(0.1):
+        while not self.done.wait(0.5):
             self.last.update(self.sample())
 
     def stop(self) -> float:
@@ -585,10 +589,15 @@ class PostgresCpu(threading.Thread):
     @classmethod
     def sample(cls) -> dict[int, float]:
         used = {}
-        for p in psutil.process_iter(["ppid", "cpu_times", "cmdline"]):
-            t, title = p.info["cpu_times"], " ".join(p.info["cmdline"] or ())
-            ours = " bench_" in title or not cls.CLIENT.search(title)
-            if t and POSTMASTER[0] in (p.pid, p.info["ppid"]) and ours:
+        for p in psutil.process_iter(["ppid", "cpu_times"]):
+            t = p.info["cpu_times"]
+            if t is None or POSTMASTER[0] not in (p.pid, p.info["ppid"]):
+                continue
+            if p.pid not in cls.ours:
+                with contextlib.suppress(psutil.Error):
+                    title = " ".join(p.cmdline())
+                    cls.ours[p.pid] = " bench_" in title or not cls.CLIENT.search(title)
+            if cls.ours.get(p.pid):
                 used[p.pid] = t.user + t.system
         return used
 
