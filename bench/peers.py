@@ -8,7 +8,7 @@ too). Each prints its result as one JSON object on stdout; credentials come as J
         what most hand-rolled sync scripts do: serial, one INSERT and one COMMIT per fill, into
         weex_sync's own schema (same indexes, same columns, same raw JSON)
     peers.py storage N HOST PORT USER SAVE_BATCH_DB NAIVE_DB
-        storage alone, no HTTP: N generated fills parsed once by weex_sync.parse_fill_v3, then
+        storage alone, no HTTP: N generated fills parsed once by weex_sync.parse_fill, then
         stored by Store.save_batch as a backfill stores them (1,000 per batch, each with its
         cursor) and, into the other database, one INSERT and one COMMIT per fill; timed
 
@@ -138,14 +138,22 @@ def naive(base_url: str, version: str, start: str, dsn: str) -> dict:
 
 def storage(count: str, host: str, port: str, user: str, *dbnames: str) -> dict:
     from weex_sim import Simulator
-    from weex_sync import ALL_SYMBOLS, Cursor, DatabaseConfig, Store, connect, ensure_schema
-    from weex_sync import parse_fill_v3 as parse
+    from weex_sync import (
+        ALL_SYMBOLS,
+        V3,
+        Cursor,
+        DatabaseConfig,
+        Store,
+        connect,
+        ensure_schema,
+        parse_fill,
+    )
 
     sim = Simulator(symbols=["cmt_btcusdt"], seed=7)
     sim.add_account("k", "s", "p")
     end = int(time.time() * 1000) - 3_600_000
     sim.generate_fills("k", "cmt_btcusdt", int(count), start_ms=end - 30 * 86_400_000, end_ms=end)
-    fills = [parse(obj, ALL_SYMBOLS) for obj in sim.fills("k", version=3)]  # newest first
+    fills = [parse_fill(V3, obj, ALL_SYMBOLS) for obj in sim.fills("k", version=3)]  # newest first
     results = {}
     for method, dbname in zip(("save_batch", "naive"), dbnames, strict=True):
         db = DatabaseConfig(host, int(port), user, "", dbname, "disable")
