@@ -231,6 +231,8 @@ def test_forty_day_backfill_of_a_fleet_with_a_two_order_burst_is_exact(
         for symbol in (BTC, ETH):
             times = [row[8] for row in harness.expected(account, symbol)]
             minimum = minimal_requests(times, harness.sync["start_time"], end)
+            if (account, symbol) == (accounts[1], ETH):
+                minimum += 2  # no page can end inside the burst's millisecond: one per order
             used = status[(account.user_id, symbol)]["requests_count"]
             assert minimum <= used <= minimum * 1.05 + 3, (account.user_id, symbol, used, minimum)
 
