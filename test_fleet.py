@@ -15,6 +15,7 @@ from conftest import (
     DAY_MS,
     ETH,
     START_MS,
+    Account,
     Database,
     Harness,
     all_apis,
@@ -44,17 +45,23 @@ def every_contract(harness: Harness) -> None:
     del harness.sync["symbols"]  # the default: all
 
 
+def trader(harness: Harness, fills: int, symbols: tuple[str, ...], days: int = 1) -> Account:
+    """user1, synced with symbols: all, with `fills` fills in each contract over `days`."""
+    account = make_account(harness.sim, 1, "all")
+    for symbol in symbols:
+        harness.sim.generate_fills(
+            account.api_key, symbol, fills, start_ms=START_MS, end_ms=START_MS + days * DAY_MS
+        )
+    harness.accounts = [account]
+    every_contract(harness)
+    return account
+
+
 @all_apis
 def test_all_contracts_in_one_walk_and_a_new_contract_needs_no_config_change(
     harness: Harness, db: Database, sim
 ):
-    account = make_account(sim, 1, "all")
-    for symbol in (BTC, ETH):
-        sim.generate_fills(
-            account.api_key, symbol, 700, start_ms=START_MS, end_ms=START_MS + DAY_MS
-        )
-    harness.accounts = [account]
-    every_contract(harness)
+    account = trader(harness, 700, (BTC, ETH))
 
     assert harness.run() == 0
     assert stored_fills(db) == harness.expected(account)
@@ -81,13 +88,7 @@ def test_all_contracts_in_one_walk_and_a_new_contract_needs_no_config_change(
 
 
 def test_status_since_and_symbol_in_all_mode(harness: Harness, db: Database, sim):
-    account = make_account(sim, 1, "all")
-    for symbol in (BTC, ETH):
-        sim.generate_fills(
-            account.api_key, symbol, 300, start_ms=START_MS, end_ms=START_MS + DAY_MS
-        )
-    harness.accounts = [account]
-    every_contract(harness)
+    account = trader(harness, 300, (BTC, ETH))
     assert harness.run() == 0
     lost = db.scalar(
         "WITH d AS (DELETE FROM trade_fills WHERE symbol = %s RETURNING 1) SELECT count(*) FROM d",
@@ -106,14 +107,8 @@ def test_status_since_and_symbol_in_all_mode(harness: Harness, db: Database, sim
 
 
 def test_kill_9_during_an_all_contracts_walk(harness: Harness, db: Database, sim):
-    account = make_account(sim, 1, "all")
-    for symbol in (BTC, ETH, SOL):
-        sim.generate_fills(
-            account.api_key, symbol, 4000, start_ms=START_MS, end_ms=START_MS + 20 * DAY_MS
-        )
+    account = trader(harness, 4000, (BTC, ETH, SOL), days=20)
     sim.latency = 0.002
-    harness.accounts = [account]
-    every_contract(harness)
     rng = random.Random(20261127)
     kills = 0
     for threshold in sorted(rng.sample(range(500, 11_000), 5)):

@@ -377,6 +377,13 @@ class Runner:
                 process.communicate()
 
 
+def timed_run(runner: Runner, *args: str) -> tuple[int, float]:
+    """runner.run's exit code and how many seconds it took."""
+    started = time.monotonic()
+    code = runner.run(*args)
+    return code, time.monotonic() - started
+
+
 @pytest.fixture(name="version")
 def api_version() -> int:
     """The API version a test speaks; ``both_versions`` overrides it."""
@@ -802,10 +809,9 @@ def test_7_a_trickled_body_fails_within_about_the_timeout(runner, exchange, db):
     # 20 bytes, one every 0.5 s: 10 s per answer, while weex.timeout_seconds is 1
     exchange.fills = lambda request: Reply(body=b"[" + b" " * 18 + b"]", trickle=0.5)
 
-    started = time.monotonic()
-    assert runner.run() == 1
-    elapsed = time.monotonic() - started
+    code, elapsed = timed_run(runner)
 
+    assert code == 1, runner.log
     assert elapsed < 6, elapsed  # two attempts of ~1 s, one backoff
     row = only_status(db)
     assert "did not arrive within" in row["error_message"], row["error_message"]
@@ -931,9 +937,7 @@ def test_8_an_open_transaction_on_the_view_does_not_block_a_pass(runner, exchang
     exchange.fills = lambda request: answer(request, [fill])
 
     with analyst(pg, db.name, "SELECT * FROM trade_fills_readable"):
-        started = time.monotonic()
-        code = runner.run()
-        elapsed = time.monotonic() - started
+        code, elapsed = timed_run(runner)
 
     assert code == 0, runner.log
     assert elapsed < 5, elapsed  # it did not wait for the analyst
@@ -947,9 +951,7 @@ def test_8_an_upgrade_blocked_by_an_analyst_fails_with_exit_3_not_a_hang(
     db.rows("DELETE FROM weex_sync_schema")  # an old schema: DDL must run
 
     with analyst(pg, db.name, "SELECT * FROM trade_fills_readable"):
-        started = time.monotonic()
-        code = runner.run()
-        elapsed = time.monotonic() - started
+        code, elapsed = timed_run(runner)
 
     assert code == 3, runner.log
     assert elapsed < 5, elapsed
@@ -968,9 +970,7 @@ def test_8_a_lock_held_on_trade_fills_fails_the_pair_with_a_lock_timeout(
     exchange.fills = lambda request: answer(request, [fill])
 
     with analyst(pg, db.name, "LOCK TABLE trade_fills IN EXCLUSIVE MODE"):
-        started = time.monotonic()
-        code = runner.run()
-        elapsed = time.monotonic() - started
+        code, elapsed = timed_run(runner)
 
     assert code == 1, runner.log
     assert elapsed < 5, elapsed
@@ -1180,9 +1180,9 @@ def test_13_a_rescan_waits_for_a_held_pair_then_fails_or_runs(runner, exchange, 
     key = weex_sync.lock_key("user1", BTC)
     holder.cursor().execute("SELECT pg_advisory_lock(%s)", (key,))
     try:
-        started = time.monotonic()
-        assert runner.run("--since", str(START_MS), "--lock-wait", "1") == 1
-        assert time.monotonic() - started < 5
+        code, elapsed = timed_run(runner, "--since", str(START_MS), "--lock-wait", "1")
+        assert code == 1, runner.log
+        assert elapsed < 5, elapsed
 
         assert "another weex_sync pass" in line_with(runner.log, "waiting up to 1s")
         row = only_status(db)
@@ -1193,9 +1193,9 @@ def test_13_a_rescan_waits_for_a_held_pair_then_fails_or_runs(runner, exchange, 
             1.0, holder.cursor().execute, ("SELECT pg_advisory_unlock_all()",)
         )
         release.start()
-        started = time.monotonic()
-        assert runner.run("--since", str(START_MS), "--lock-wait", "10") == 0, runner.log
-        assert 0.9 < time.monotonic() - started < 8
+        code, elapsed = timed_run(runner, "--since", str(START_MS), "--lock-wait", "10")
+        assert code == 0, runner.log
+        assert 0.9 < elapsed < 8, elapsed
         release.join()
     finally:
         holder.close()

@@ -90,13 +90,7 @@ def test_first_pass_stores_exactly_the_simulators_fills(harness: Harness, db: Da
 
 @all_apis
 def test_second_pass_adds_nothing_with_one_request_per_symbol(harness: Harness, db: Database, sim):
-    account = make_account(sim, 1, [BTC, ETH])
-    for symbol in (BTC, ETH):
-        sim.generate_fills(
-            account.api_key, symbol, 450, start_ms=START_MS, end_ms=START_MS + DAY_MS
-        )
-    harness.accounts = [account]
-    harness.sync["symbols"] = [BTC, ETH]
+    harness.fleet(1, fills=450)
     assert harness.run() == 0
     before = stored_fills(db)
     sim.reset_stats()
@@ -238,13 +232,7 @@ def test_forty_day_backfill_of_a_fleet_with_a_two_order_burst_is_exact(
 
 
 def test_switching_from_v2_to_v3_keeps_one_series(harness: Harness, db: Database, sim):
-    account = make_account(sim, 1, [BTC, ETH])
-    for symbol in (BTC, ETH):
-        sim.generate_fills(
-            account.api_key, symbol, 400, start_ms=START_MS, end_ms=START_MS + DAY_MS
-        )
-    harness.accounts = [account]
-    harness.sync["symbols"] = [BTC, ETH]
+    [account] = harness.fleet(1, fills=400)
     harness.weex["api_version"] = 2
     assert harness.run() == 0
     after_v2 = db.scalar("SELECT count(*) FROM trade_fills")
