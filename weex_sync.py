@@ -825,6 +825,9 @@ def sign(secret_key: str, timestamp: str, method: str, path: str, query: str, bo
     return base64.b64encode(digest).decode()
 
 
+Windows = dict[str, list[list[float]]]  # budget key -> [[bucket time, weight charged], ...]
+
+
 class RateLimiter:
     """The exchange's rolling-window budgets: weight per IP and weight per API key.
 
@@ -846,7 +849,8 @@ class RateLimiter:
         self.window = cfg.window_seconds + margin
         self.ip_key = f"ip {host}"
         self._lock = threading.Lock()
-        self._own_state: dict[str, list[list[float]]] = {}
+        self._key_windows: Windows = {}  # per API key, this process only
+        self._ip_windows: Windows = {}  # the IP budget when there is no shared file
         self._fd = self._open(cfg.shared_file) if cfg.shared_file else None
 
     @staticmethod
@@ -868,35 +872,30 @@ class RateLimiter:
     def acquire(self, api_key: str, weight: int, stop: Stop) -> None:
         """Wait until ``weight`` fits in both windows, then charge it. Interrupted on a stop."""
         uid_key = "uid " + hashlib.sha256(api_key.encode()).hexdigest()[:16]
-        budgets = ((self.ip_key, self.cfg.ip_weight), (uid_key, self.cfg.uid_weight))
         while True:
-            with self._lock, self._shared_state() as shared:
+            with self._lock, self._machine_windows() as machine:
                 now = time.time()
-                state = {self.ip_key: shared.get(self.ip_key, [])}
-                state[uid_key] = self._own_state.get(uid_key, [])
-                wait = self._admit(state, now, budgets, weight)
-                shared[self.ip_key] = state[self.ip_key]
-                self._own_state[uid_key] = state[uid_key]
-                _forget_idle(shared, now - self.window)
-                if len(self._own_state) > 64:  # a fleet has thousands of keys
-                    _forget_idle(self._own_state, now - self.window)
+                budgets = (
+                    (machine, self.ip_key, self.cfg.ip_weight),
+                    (self._key_windows, uid_key, self.cfg.uid_weight),
+                )
+                wait = self._admit(now, budgets, weight)
+                _forget_idle(machine, now - self.window)
+                if len(self._key_windows) > 64:  # a fleet has thousands of keys
+                    _forget_idle(self._key_windows, now - self.window)
             if wait is None:
                 return
             if stop.wait(wait):
                 raise Interrupted()
 
     def _admit(
-        self,
-        state: dict[str, list[list[float]]],
-        now: float,
-        budgets: Iterable[tuple[str, int]],
-        weight: int,
+        self, now: float, budgets: Iterable[tuple[Windows, str, int]], weight: int
     ) -> float | None:
         """None if admitted (and charged), else the seconds until it may fit."""
         waits = []
-        for key, budget in budgets:
-            entries = [e for e in state.get(key, ()) if e[0] > now - self.window]
-            state[key] = entries
+        for windows, key, budget in budgets:
+            entries = [e for e in windows.get(key, ()) if e[0] > now - self.window]
+            windows[key] = entries
             excess = sum(w for _, w in entries) + weight - budget
             for at, w in entries:
                 if excess <= 0:
@@ -906,8 +905,8 @@ class RateLimiter:
         if waits:
             return max(max(waits), 0.001)
         bucket = round(math.ceil(now / self.BUCKET) * self.BUCKET, 3)
-        for key, _ in budgets:
-            entries = state.setdefault(key, [])
+        for windows, key, _ in budgets:
+            entries = windows[key]
             if entries and entries[-1][0] == bucket:
                 entries[-1][1] += weight
             else:
@@ -915,11 +914,11 @@ class RateLimiter:
         return None
 
     @contextlib.contextmanager
-    def _shared_state(self) -> Iterator[dict[str, list[list[float]]]]:
+    def _machine_windows(self) -> Iterator[Windows]:
         """The IP windows of the machine: from the shared file (locked meanwhile), or this
         process's own when there is no file."""
         if self._fd is None:
-            yield self._own_state
+            yield self._ip_windows
             return
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
@@ -938,7 +937,7 @@ class RateLimiter:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
 
-def _forget_idle(windows: dict[str, list[list[float]]], before: float) -> None:
+def _forget_idle(windows: Windows, before: float) -> None:
     """Drop the windows whose requests all lie before ``before``."""
     for key in [k for k, entries in windows.items() if not entries or entries[-1][0] <= before]:
         del windows[key]
