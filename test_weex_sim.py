@@ -183,10 +183,10 @@ def test_raw_fills_and_hostile_pages_are_served_verbatim_on_both_versions(sim):
 # --- v2 as before -------------------------------------------------------------------------------
 
 
-def test_v2_stays_newest_first_with_next_flag_and_totals(sim):
+def test_v2_is_newest_first_with_next_flag_and_totals_unless_told(sim):
     start = now_ms() - 3 * DAY_MS
     sim.generate_fills(KEY, BTC, 150, start_ms=start, end_ms=start + DAY_MS)
-    sim.order = "oldest"  # a v3 switch: v2 is newest first whatever it says
+    sim.order = "oldest"  # a v3 switch: v2 has its own
 
     page = v2(sim, symbol=BTC, limit=100)
     assert set(page) == {"list", "nextFlag", "totals"}
@@ -194,6 +194,9 @@ def test_v2_stays_newest_first_with_next_flag_and_totals(sim):
     assert page["list"] == sim.fills(KEY, BTC)[:100]
     assert [key(f) for f in page["list"]] == sorted(map(key, page["list"]), reverse=True)
     assert v2(sim, symbol=ETH) == {"list": [], "nextFlag": False, "totals": 0}
+    sim.v2_order = "oldest"
+    page = v2(sim, symbol=BTC, limit=100)
+    assert page["list"] == sim.fills(KEY, BTC)[::-1][:100]
 
 
 def test_v2_errors_keep_their_codes(sim):
@@ -226,12 +229,18 @@ def test_v3_sort_order_switch_and_shuffled_pages(sim):
     oldest = v3(sim, symbol="BTCUSDT", limit=30)
     assert [key(f) for f in oldest] == every[:30]
 
-    sim.shuffle_pages = True
+    sim.listing = "shuffled"
     shuffled = v3(sim, symbol="BTCUSDT")
     assert sorted(map(key, shuffled)) == every[:100]  # the same slice...
     assert [key(f) for f in shuffled] != every[:100]  # ...not in order
+    sim.listing = "newest"  # the oldest 100, listed newest first
+    assert [key(f) for f in v3(sim, symbol="BTCUSDT")] == every[:100][::-1]
+    sim.order, sim.listing = "newest", "oldest"  # the newest 100, listed oldest first
+    assert [key(f) for f in v3(sim, symbol="BTCUSDT")] == every[-100:]
     with pytest.raises(ValueError):
         sim.order = "random"
+    with pytest.raises(ValueError):
+        sim.listing = "sideways"
 
 
 def test_v3_time_range_limits(sim):

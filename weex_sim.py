@@ -58,6 +58,7 @@ DAY_MS = 86_400_000
 V3_MAX_SPAN_MS = 7 * DAY_MS  # default of Simulator.max_span_ms
 V3_HORIZON_MS = 365 * DAY_MS  # default of Simulator.horizon_ms
 V3_ORDERS = ("newest", "oldest")
+LISTINGS = ("newest", "oldest", "shuffled")
 
 _INTEGER = re.compile(r"-?[0-9]+")
 _AMOUNT = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")
@@ -334,6 +335,17 @@ class _Book:
             total = len(matched)
             indices = reversed(matched[-limit:]) if newest else matched[:limit]
         return total, [self.entry(i) for i in indices]
+
+    def remove(self, trade_id: int) -> int:
+        """Removes the fills with this tradeId; how many there were."""
+        keep = [i for i, t in enumerate(self.trade_ids) if t != trade_id]
+        removed = len(self.times) - len(keep)
+        if removed:
+            self.times = array("q", [self.times[i] for i in keep])
+            self.trade_ids = array("q", [self.trade_ids[i] for i in keep])
+            self.order_ids = array("q", [self.order_ids[i] for i in keep])
+            self.records = [self.records[i] for i in keep]
+        return removed
 
     def entry(self, i: int) -> _Entry:
         return self.times[i], self.trade_ids[i], self.order_ids[i], self.records[i], self.contract
@@ -668,8 +680,14 @@ class Simulator:
         # page to that account's accepted fills requests, e.g. {"list": [], "nextFlag": True}.
         self.hostile_pages: dict[str, Any] = {}
         self.v2_enabled: bool = True  # False: the v2 paths answer 404 (an exchange without v2)
-        self.order = "newest"  # v3 pages: "newest" (descending) or "oldest" (ascending) first
-        self.shuffle_pages: bool = False  # True: each v3 page's array in random order
+        # Which end of [startTime, endTime] a full page is taken from -- the newest or the
+        # oldest fills of the range -- per version (neither version's docs say), and how a page
+        # lists them: None lists them in the order they were selected in (newest: descending),
+        # "newest"/"oldest" always descending/ascending whatever the selection, "shuffled" in
+        # random order.
+        self.order = "newest"  # v3
+        self.v2_order = "newest"  # v2
+        self.listing: str | None = None
         self.max_span_ms: int | None = V3_MAX_SPAN_MS  # v3: longest endTime - startTime
         self.horizon_ms: int | None = V3_HORIZON_MS  # v3: how far back startTime may reach
         # Stats.
@@ -698,9 +716,23 @@ class Simulator:
 
     @order.setter
     def order(self, value: str) -> None:
-        if value not in V3_ORDERS:
-            raise ValueError(f"order must be one of {V3_ORDERS}, not {value!r}")
-        self._order = value
+        self._order = _checked(value, V3_ORDERS, "order")
+
+    @property
+    def v2_order(self) -> str:
+        return self._v2_order
+
+    @v2_order.setter
+    def v2_order(self, value: str) -> None:
+        self._v2_order = _checked(value, V3_ORDERS, "v2_order")
+
+    @property
+    def listing(self) -> str | None:
+        return self._listing
+
+    @listing.setter
+    def listing(self, value: str | None) -> None:
+        self._listing = None if value is None else _checked(value, LISTINGS, "listing")
 
     # ----------------------------------------------------------------------- accounts & data
 
@@ -849,6 +881,13 @@ class Simulator:
         trade_id = obj["tradeId"] if "tradeId" in obj else obj.get("id")
         fill = (created_time, _id_key(trade_id), _id_key(obj.get("orderId")), _to_json(obj))
         self._store(api_key, symbol, _columns([fill]), 0)
+
+    def remove_fill(self, api_key: str, symbol: str, trade_id: int) -> None:
+        """Withdraws a visible fill (the exchange corrects it: add its new version after)."""
+        with self._lock:
+            book = self._account(api_key).books.get(self._contract_of(symbol).name)
+            if book is None or not book.remove(trade_id):
+                raise KeyError(f"no visible fill with tradeId {trade_id} in {symbol}")
 
     def fills(
         self,
@@ -1199,15 +1238,17 @@ class Simulator:
         return None
 
     def _page(self, version: int, account: _Account, query: _Query) -> bytes:
-        newest = version == 2 or self.order == "newest"
+        newest = (self.v2_order if version == 2 else self.order) == "newest"
         total, entries = self._select(account, query, newest)
+        if self.listing == "shuffled":
+            with self._lock:
+                self._shuffle_rng.shuffle(entries)
+        elif self.listing is not None and (self.listing == "newest") != newest:
+            entries.reverse()
         texts = [_render(version, entry) for entry in entries]
         if version == 2:
             next_flag = b"true" if total > len(texts) else b"false"
             return b'{"list":[%b],"nextFlag":%b,"totals":%d}' % (b",".join(texts), next_flag, total)
-        if self.shuffle_pages:
-            with self._lock:
-                self._shuffle_rng.shuffle(texts)
         return b"[%b]" % b",".join(texts)
 
     def _select(self, account: _Account, query: _Query, newest: bool) -> tuple[int, list[_Entry]]:
@@ -1230,6 +1271,12 @@ class Simulator:
 
 
 # --------------------------------------------------------------------------- CLI
+
+
+def _checked(value: str, allowed: tuple[str, ...], name: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, not {value!r}")
+    return value
 
 
 def _limit_arg(text: str) -> tuple[int, float]:
@@ -1295,6 +1342,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--order", choices=V3_ORDERS, default="newest", help="which end of a range v3 pages start"
     )
+    parser.add_argument(
+        "--v2-order", choices=V3_ORDERS, default="newest", help="the same for v2 pages"
+    )
+    parser.add_argument(
+        "--listing",
+        choices=LISTINGS,
+        help="how a page lists its fills whatever end it starts at (default: from that end)",
+    )
     parser.add_argument("--uid-limit", type=_limit_arg, help="WEIGHT/SECONDS, e.g. 500/10")
     parser.add_argument("--ip-limit", type=_limit_arg, help="WEIGHT/SECONDS, e.g. 500/10")
     parser.add_argument("--fault-rate", type=float, default=0, help="spread over fault kinds")
@@ -1322,6 +1377,8 @@ def main(argv: list[str] | None = None) -> int:
     sim.uid_limit = args.uid_limit
     sim.ip_limit = args.ip_limit
     sim.order = args.order
+    sim.v2_order = args.v2_order
+    sim.listing = args.listing
     sim.latency = args.latency_ms / 1000
     sim.faults = dict.fromkeys(FAULT_KINDS, args.fault_rate / len(FAULT_KINDS))
 

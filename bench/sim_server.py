@@ -31,7 +31,7 @@ from collections import Counter
 from weex_sim import FILLS_PATHS, Simulator
 
 SETTABLE = {"latency", "uid_limit", "ip_limit", "order", "clock_offset_ms"}
-SETTABLE |= {"max_span_ms", "horizon_ms", "shuffle_pages"}
+SETTABLE |= {"max_span_ms", "horizon_ms", "listing", "v2_order"}
 FILLS = set(FILLS_PATHS.values())  # the fills endpoints of v2 and v3
 
 
