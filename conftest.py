@@ -26,13 +26,14 @@ import psycopg2
 import psycopg2.extras
 import pytest
 import yaml
+from hypothesis import HealthCheck, settings
 from psycopg2 import sql
 
 import weex_sync
 from pg_fallback import ensure_postgres
 from weex_sim import Simulator
 
-TABLES = ("trade_fills", "sync_status", "sync_cursor")
+TABLES = ("trade_fills", "sync_status", "sync_cursor", "rejected_fills")
 HERE = Path(__file__).resolve().parent
 DAY_MS = 86_400_000
 # Test histories lie in the recent past: inside v3's 365-day horizon, before the exchange's now.
@@ -418,3 +419,14 @@ def finish(process: subprocess.Popen, timeout: float = 60.0) -> tuple[int, str]:
         _, err = process.communicate()
         raise AssertionError(f"weex_sync still running after {timeout}s; its log:\n{err}") from None
     return process.returncode, err
+
+
+# Hypothesis: a few dozen examples per property in a normal run (seconds); many more with
+# HYPOTHESIS_PROFILE=ci. Tests that set max_examples themselves keep their own.
+settings.register_profile(
+    "dev", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "ci", max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))

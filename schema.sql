@@ -33,18 +33,20 @@ CREATE TABLE IF NOT EXISTS sync_status (
     duration_ms     integer     NOT NULL,
     status          text        NOT NULL CHECK (status IN ('success', 'error')),
     error_message   text,
-    late_count      integer     NOT NULL DEFAULT 0  -- of records_count: fills that became
-                                                    -- visible after the previous pass ended
+    late_count      integer     NOT NULL DEFAULT 0, -- of records_count: fills that became
+                                                    -- visible after a walk had read their time
+    rejected_count  integer     NOT NULL DEFAULT 0  -- fills put in rejected_fills this pass
 );
 CREATE INDEX IF NOT EXISTS sync_status_last_sync_time ON sync_status (last_sync_time DESC);
 CREATE INDEX IF NOT EXISTS sync_status_user_symbol
     ON sync_status (user_id, symbol, last_sync_time DESC);
 
 -- The incremental cursor, written in the same transaction as the fills it covers.
--- Every fill with trade_time < synced_through is stored, except while walk_end is set:
+-- Every fill with trade_time < synced_through has been read, except while walk_end is set:
 -- then an interrupted walk still owes [synced_through, walk_end] and, when it completes,
--- moves synced_through to walk_target. The next walk starts at synced_through inclusive.
--- last_end: where the last completed walk ended (fills stored later at or before it were late).
+-- moves synced_through to walk_target. last_end: every fill up to it has been read once (one
+-- stored later at or before it was late). reconciled_at: the last re-read of the reconcile
+-- window. Where the next walk starts is the cursor rule (README, "How it stays exact").
 CREATE TABLE IF NOT EXISTS sync_cursor (
     user_id        text        NOT NULL,
     symbol         text        NOT NULL,
@@ -53,12 +55,36 @@ CREATE TABLE IF NOT EXISTS sync_cursor (
     walk_target    bigint,
     last_end       bigint,
     updated_at     timestamptz NOT NULL DEFAULT now(),
+    reconciled_at  bigint,
     PRIMARY KEY (user_id, symbol)
 );
 
--- Upgrades from weex_sync 1.x (no-ops on a new database).
+-- The quarantine: fills the exchange served that weex_sync will not store as they are (a bad
+-- amount or id, a time outside the request, another version of a stored fill). One row per
+-- distinct fill as sent; resolved_at is set when a valid version of it is stored.
+CREATE TABLE IF NOT EXISTS rejected_fills (
+    id          bigserial   PRIMARY KEY,
+    user_id     text        NOT NULL,
+    symbol      text        NOT NULL,    -- the fill's contract if readable, else '*'
+    trade_id    text,                    -- if readable
+    trade_time  bigint,                  -- if readable, ms
+    reason      text        NOT NULL,
+    raw         text        NOT NULL,    -- the fill as sent, JSON text (escaped, cut at 16 KB)
+    fingerprint text        NOT NULL,
+    first_seen  timestamptz NOT NULL DEFAULT now(),
+    last_seen   timestamptz NOT NULL DEFAULT now(),
+    seen_count  integer     NOT NULL DEFAULT 1,
+    resolved_at timestamptz,
+    CONSTRAINT rejected_fills_fill UNIQUE (user_id, fingerprint)
+);
+CREATE INDEX IF NOT EXISTS rejected_fills_open
+    ON rejected_fills (user_id, trade_id) WHERE resolved_at IS NULL;
+
+-- Upgrades from weex_sync 1.x and 2.x (no-ops on a new database).
 ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS late_count integer NOT NULL DEFAULT 0;
+ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS rejected_count integer NOT NULL DEFAULT 0;
 ALTER TABLE sync_cursor ADD COLUMN IF NOT EXISTS last_end bigint;
+ALTER TABLE sync_cursor ADD COLUMN IF NOT EXISTS reconciled_at bigint;
 
 -- For analysts: times as timestamptz (UTC) and sides as words.
 CREATE OR REPLACE VIEW trade_fills_readable AS
@@ -73,4 +99,4 @@ SELECT user_id, symbol, order_id, trade_id,
 -- ever waits for a lock that an analyst's open transaction holds.
 CREATE TABLE IF NOT EXISTS weex_sync_schema (version integer NOT NULL);
 DELETE FROM weex_sync_schema;
-INSERT INTO weex_sync_schema (version) VALUES (2);
+INSERT INTO weex_sync_schema (version) VALUES (3);

@@ -24,6 +24,7 @@ from conftest import (
     Database,
     Harness,
     all_apis,
+    expected_fills,
     finish,
     make_account,
     stored_fills,
@@ -300,12 +301,15 @@ def test_hostile_fills_are_stored_correctly_or_rejected_with_a_clear_error(
             assert stored_fills(db, account.user_id) == harness.expected(account, BTC), name
         else:
             assert row["status"] == "error", name
+            assert "1 fill rejected" in row["error_message"], (name, row["error_message"])
             assert REJECTED[name][1] in row["error_message"], (name, row["error_message"])
-            # nothing past the bad fill is stored, nothing wrong is stored
-            assert (
-                db.scalar("SELECT count(*) FROM trade_fills WHERE user_id = %s", (account.user_id,))
-                == 0
+            # the good fill is stored, the bad one quarantined with its reason
+            good = [f for f in harness.served(account, BTC) if f["createdTime"] == START_MS + 10]
+            assert stored_fills(db, account.user_id) == expected_fills(account.user_id, good)
+            [(reason, raw)] = db.rows(
+                "SELECT reason, raw FROM rejected_fills WHERE user_id = %s", (account.user_id,)
             )
+            assert REJECTED[name][1] in reason and raw.startswith("{"), name
     huge = db.rows(
         "SELECT size, price FROM trade_fills WHERE user_id = %s",
         (accounts["huge numbers"].user_id,),
@@ -326,8 +330,12 @@ def test_empty_page_with_next_flag_is_an_error_not_a_loop(harness: Harness, db: 
     assert harness.run() == 1
 
     rows = {r["user_id"]: r for r in db.status()}
+    # not a page of fills at all: retried like a transport fault, never quarantined
+    attempts = harness.weex["max_retries"] + 1
     assert "empty page with nextFlag=true" in rows["user1"]["error_message"]
-    assert rows["user1"]["requests_count"] == 1
+    assert f"gave up after {attempts} attempts" in rows["user1"]["error_message"]
+    assert rows["user1"]["requests_count"] == attempts
+    assert db.scalar("SELECT count(*) FROM rejected_fills") == 0
     assert rows["user2"]["status"] == "success"
 
 

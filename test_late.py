@@ -89,9 +89,27 @@ def test_fills_5_60_and_110_seconds_late_are_stored_by_the_next_pass(
     assert [r["records_count"] for r in db.status()[-2:]] == [0, 0]
 
 
-def test_a_fill_later_than_the_lookback_needs_a_rescan(harness: Harness, db: Database, sim):
+def test_a_fill_newer_than_every_stored_one_is_stored_however_late(
+    harness: Harness, db: Database, sim
+):
     account = make_account(sim, 1)
     harness.accounts = [account]
+    assert harness.run() == 0
+    [too_late] = add_late_fills(sim, account, lateness_s=(600,))  # 10 minutes late
+    time.sleep(0.5)
+
+    assert harness.run() == 0  # the walk starts at the newest stored fill: none yet
+    assert str(too_late["tradeId"]) in trade_ids(db, "user1")
+    assert db.status()[-1]["late_count"] == 1
+
+
+def test_an_older_fill_later_than_the_lookback_waits_for_the_reconcile(
+    harness: Harness, db: Database, sim
+):
+    account = make_account(sim, 1)
+    harness.accounts = [account]
+    now = now_ms()
+    sim.add_fill(account.api_key, BTC, created_time=now - 1000)  # newer than the late one
     assert harness.run() == 0
     [too_late] = add_late_fills(sim, account, lateness_s=(180,))
     time.sleep(0.5)
@@ -99,20 +117,22 @@ def test_a_fill_later_than_the_lookback_needs_a_rescan(harness: Harness, db: Dat
     assert harness.run() == 0
     assert str(too_late["tradeId"]) not in trade_ids(db, "user1")  # 180 s > 120 s of lookback
     assert harness.run("--since", str(too_late["createdTime"] - 1000)) == 0
-    assert str(too_late["tradeId"]) in trade_ids(db, "user1")
+    assert str(too_late["tradeId"]) in trade_ids(db, "user1")  # a re-scan finds it
 
-    harness.sync["lookback_seconds"] = 300  # or a longer lookback
     [also_late] = add_late_fills(sim, account, lateness_s=(180,))
     time.sleep(0.5)
+    harness.sync["reconcile_every_seconds"] = 1  # the reconcile is due: it re-reads 2 days
     assert harness.run() == 0
     assert str(also_late["tradeId"]) in trade_ids(db, "user1")
     assert db.status()[-1]["late_count"] == 1
+    assert "reconcile: re-reading from" in harness.last_log
 
 
-def test_lookback_zero_turns_it_off(harness: Harness, db: Database, sim):
+def test_lookback_and_reconcile_zero_turn_them_off(harness: Harness, db: Database, sim):
     account = make_account(sim, 1)
     harness.accounts = [account]
-    harness.sync["lookback_seconds"] = 0
+    harness.sync.update(lookback_seconds=0, reconcile_every_seconds=0)
+    sim.add_fill(account.api_key, BTC, created_time=now_ms() - 1000)
     assert harness.run() == 0
     [late] = add_late_fills(sim, account, lateness_s=(5,))
     time.sleep(0.5)
@@ -122,7 +142,7 @@ def test_lookback_zero_turns_it_off(harness: Harness, db: Database, sim):
 
 @all_apis
 def test_an_idle_pair_costs_one_request_and_rereads_only_the_window(
-    harness: Harness, db: Database, sim
+    harness: Harness, db: Database, sim, api
 ):
     old, recent = make_account(sim, 1), make_account(sim, 2)
     sim.generate_fills(old.api_key, BTC, 300, start_ms=START_MS, end_ms=START_MS + DAY_MS)
@@ -135,7 +155,12 @@ def test_an_idle_pair_costs_one_request_and_rereads_only_the_window(
     assert harness.run() == 0
 
     rows = {r["user_id"]: r for r in db.status()[-2:]}
-    assert rows["user1"]["requests_count"] == 1 and rows["user1"]["fetched_count"] == 0
+    # v3 reaches back one request span (7 days: the old history is 40 days old); v2 re-reads
+    # the newest stored millisecond
+    newest = db.scalar("SELECT max(trade_time) FROM trade_fills WHERE user_id = 'user1'")
+    at_newest = db.scalar("SELECT count(*) FROM trade_fills WHERE trade_time = %s", (newest,))
+    assert rows["user1"]["requests_count"] == 1
+    assert rows["user1"]["fetched_count"] == (at_newest if api.version == 2 else 0)
     assert rows["user2"]["requests_count"] == 1 and rows["user2"]["fetched_count"] == 40
     assert harness.fills_requests() == 2
 

@@ -1,18 +1,15 @@
 """Fast unit tests: no database, no HTTP (``pytest -m unit`` runs them in about a second).
 
-Pure pieces of weex_sync: response classification (both API versions), the walk against an
-in-memory exchange in both sort orders, the cursor it commits, windows, the rate limiter,
-batching and prefetching, and parsing of hostile values.
+Pure pieces of weex_sync: response classification (both API versions), the rate limiter,
+batching and prefetching, and parsing of hostile values. The cursor rule and the walk are in
+test_paging.py.
 """
 
 from __future__ import annotations
 
-import bisect
 import json
-import random
 import threading
 import time
-from decimal import Decimal
 
 import pytest
 
@@ -112,178 +109,11 @@ def test_the_message_is_scrubbed_before_it_is_cut():
     assert "\n" not in text and "***\\x0a" in text
 
 
-# --- the walk against an in-memory exchange --------------------------------------------------
-
-
-class FakeExchange:
-    """Answers get_fills like the API version would, from a list of fills."""
-
-    def __init__(self, api, fills: list[dict], newest_first: bool, shuffle: bool = False):
-        self.api = api
-        self.newest_first = api.newest_first
-        self.fills = sorted(fills, key=lambda f: (f["time"], f["id"]))
-        self.times = [f["time"] for f in self.fills]
-        self.order_newest = newest_first
-        self.shuffle = shuffle
-        self.requests = 0
-        self.user = weex_sync.UserConfig("u", "k", "s", "p")
-
-    def get_fills(self, scope, start, end, limit, order_id):
-        self.requests += 1
-        if self.api.max_span_ms is not None:
-            assert end - start <= self.api.max_span_ms, "a request over more than 7 days"
-        rows = self.fills[
-            bisect.bisect_left(self.times, start) : bisect.bisect_right(self.times, end)
-        ]
-        if order_id is not None:
-            rows = [f for f in rows if str(f["orderId"]) == order_id]
-        if self.order_newest:
-            rows = rows[::-1]
-        page = rows[:limit]
-        if self.shuffle:
-            random.Random(self.requests).shuffle(page)
-        if self.api.version == 3:
-            return page
-        v2 = [self._as_v2(f) for f in page]
-        return {"list": v2, "nextFlag": len(rows) > limit, "totals": len(rows)}
-
-    @staticmethod
-    def _as_v2(f: dict) -> dict:
-        return {
-            "tradeId": f["id"],
-            "orderId": f["orderId"],
-            "symbol": "cmt_btcusdt",
-            "orderSide": f["side"],
-            "fillSize": f["qty"],
-            "fillValue": str(Decimal(f["qty"]) * Decimal(f["price"])),
-            "fillFee": f["commission"],
-            "createdTime": f["time"],
-        }
-
-
-def v3_fill(n: int, ms: int, order: int | None = None) -> dict:
-    return {
-        "id": n,
-        "orderId": order if order is not None else 10_000 + n // 3,
-        "symbol": "BTCUSDT",
-        "side": "BUY",
-        "price": "100",
-        "qty": "0.5",
-        "commission": "0.01",
-        "commissionAsset": "USDT",
-        "time": ms,
-    }
-
-
-def history(n: int, start: int, span: int, seed: int = 1) -> list[dict]:
-    rng = random.Random(seed)
-    times = sorted(rng.randint(start, start + span) for _ in range(n))
-    return [v3_fill(i, t) for i, t in enumerate(times)]
-
-
-def walk_all(exchange, start, end, settle=None, cursor=None):
-    cursor = cursor or Cursor(start)
-    batches = list(
-        weex_sync.walk(exchange, "cmt_btcusdt", cursor, end, end if settle is None else settle, 100)
-    )
-    return batches, {f.trade_id for b in batches for f in b.fills}
-
-
-ORDERS = [
-    pytest.param(V3, True, False, id="v3-newest"),
-    pytest.param(V3, False, False, id="v3-oldest"),
-    pytest.param(V3, True, True, id="v3-unsorted"),
-    pytest.param(V2, True, False, id="v2"),
-]
-
-
-@pytest.mark.parametrize(("api", "newest_first", "shuffle"), ORDERS)
-def test_the_walk_finds_every_fill_in_any_order_with_near_minimal_requests(
-    api, newest_first, shuffle
-):
-    start = 1_700_000_000_000
-    fills = history(2500, start, 40 * DAY)
-    for i in range(130):  # a burst: 130 fills of 2 orders in one millisecond
-        fills.append(v3_fill(100_000 + i, start + 3 * DAY + 5, order=7 + i % 2))
-    exchange = FakeExchange(api, fills, newest_first, shuffle)
-
-    batches, found = walk_all(exchange, start, start + 41 * DAY)
-
-    assert found == {str(f["id"]) for f in fills}
-    assert sum(len(b.fills) for b in batches) == len(fills)  # none twice
-    span = api.max_span_ms
-    windows = list(weex_sync.windows(start, start + 41 * DAY, span))
-    minimum = sum(
-        max(1, -(-sum(lo <= f["time"] <= hi for f in fills) // 100)) for lo, hi in windows
-    )
-    if shuffle:  # an unsorted page leaves both of its sides to read
-        assert exchange.requests <= 2.2 * minimum
-    else:
-        assert minimum <= exchange.requests <= minimum * 1.05 + 4
-    end = start + 41 * DAY
-    assert batches[-1].done and batches[-1].cursor == Cursor(end, last_end=end)
-
-
-@pytest.mark.parametrize(("api", "newest_first", "shuffle"), ORDERS)
-def test_every_batch_cursor_owes_exactly_what_is_not_yet_read(api, newest_first, shuffle):
-    """Stop after any batch and resume from its cursor: the rest of the walk finds exactly
-    the fills not yet stored (crash safety, without a database)."""
-    start = 1_700_000_000_000
-    fills = history(400, start, 20 * DAY, seed=3)
-    end, settle = start + 20 * DAY, start + 20 * DAY - 120_000
-    batches, _ = walk_all(FakeExchange(api, fills, newest_first, shuffle), start, end, settle)
-    stored: set[str] = set()
-    for batch in batches:
-        stored |= {f.trade_id for f in batch.fills}
-        _, found = walk_all(
-            FakeExchange(api, fills, newest_first, shuffle), start, end, settle, batch.cursor
-        )
-        assert stored | found == {str(f["id"]) for f in fills}
-    assert batches[-1].cursor == Cursor(settle, last_end=end)
-
-
-def test_the_cursor_during_a_window_names_the_owed_range_and_the_target():
-    plan = weex_sync.WindowPlan(100, 60, Cursor(100, last_end=5), 5, False)
-    owed = [(10, 50, frozenset()), (70, 90, frozenset())]
-    assert plan.owing(owed) == Cursor(10, 90, 100, 5)  # both sides: one range over them
-    assert plan.owing([(10, 20, frozenset())]) == Cursor(10, 60, 100, 5)  # up to owed_to
-
-
-@pytest.mark.parametrize(("api", "newest_first", "shuffle"), ORDERS[:2])
-def test_a_long_owed_range_is_resumed_in_windows_the_api_allows(api, newest_first, shuffle):
-    """A v2 backfill interrupted far from its end, resumed on v3: the owed 60 days are read in
-    7-day windows, and every intermediate cursor still owes the rest."""
-    start = 1_700_000_000_000
-    fills = history(500, start, 90 * DAY, seed=5)
-    owed = Cursor(start, start + 60 * DAY, start + 60 * DAY + 1)
-    exchange = FakeExchange(api, fills, newest_first)
-    end = start + 90 * DAY
-    batches, found = walk_all(exchange, start, end, cursor=owed)
-    assert found == {str(f["id"]) for f in fills}
-    for batch in batches[:-1]:  # resuming from any of them still finds the rest
-        _, rest = walk_all(FakeExchange(api, fills, newest_first), start, end, cursor=batch.cursor)
-        done = {f.trade_id for b in batches[: batches.index(batch) + 1] for f in b.fills}
-        assert done | rest == found
-
-
-def test_windows_cover_the_range_once_in_spans():
-    assert list(weex_sync.windows(0, 25, 9)) == [(0, 9), (10, 19), (20, 25)]
-    assert list(weex_sync.windows(5, 5, 9)) == [(5, 5)]
-    assert list(weex_sync.windows(6, 5, 9)) == []
-    assert list(weex_sync.windows(0, 10**12, None)) == [(0, 10**12)]
-
-
-def test_the_served_order_is_read_off_the_page():
-    assert weex_sync.served_newest_first([5, 4, 4, 1]) is True
-    assert weex_sync.served_newest_first([1, 4, 4, 5]) is False
-    assert weex_sync.served_newest_first([1, 5, 4]) is None
-
-
 # --- concurrency -------------------------------------------------------------------------------
 
 
 def batch(n: int, done: bool = False) -> weex_sync.Batch:
-    return weex_sync.Batch([n], Cursor(n), done)
+    return weex_sync.Batch([n], [], Cursor(n), done)
 
 
 def test_batched_stores_the_good_pages_before_an_error_surfaces():

@@ -31,6 +31,7 @@ import argparse
 import base64
 import contextlib
 import datetime as dt
+import enum
 import fcntl
 import hashlib
 import hmac
@@ -53,7 +54,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from decimal import Context, Decimal
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple, TypeVar
+from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar
 from urllib.parse import urlencode, urlsplit
 
 import psycopg2
@@ -66,7 +67,7 @@ import yaml
 from psycopg2 import sql
 from requests.adapters import HTTPAdapter
 
-__version__ = "2.0.0"
+__version__ = "3.0.0"
 
 log = logging.getLogger("weex_sync")
 
@@ -141,6 +142,8 @@ class SyncConfig:
     start_time: int = 0
     workers: int = 8
     lookback_seconds: int = 120
+    reconcile_every_seconds: int = 86_400  # 0: no reconcile
+    reconcile_window_seconds: int = 172_800
     max_seconds: int = 0  # 0: no limit
     symbols: tuple[str, ...] = (ALL_SYMBOLS,)
     users: tuple[UserConfig, ...] = ()
@@ -295,7 +298,7 @@ def _check_keys(raw: dict, path: str, allowed: set[str]) -> None:
 def _typed(raw: dict, path: str, key: str, kind: type, default: Any = _MISSING) -> Any:
     """raw[key] checked against ``kind``; strings are accepted for numbers (environment values)."""
     name = _join(path, key)
-    value = raw.get(key, default)
+    value: Any = raw.get(key, default)
     if value is _MISSING or value is None:
         if default is _MISSING:
             raise ConfigError(f"{name}: missing")
@@ -309,9 +312,9 @@ def _typed(raw: dict, path: str, key: str, kind: type, default: Any = _MISSING) 
         value = float(value)
     if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
         raise ConfigError(f"{name}: expected {kind.__name__}, got {type(value).__name__}")
-    if kind is float and not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{name}: expected a finite number")
-    if kind is str and not value.strip() and default is _MISSING:
+    if isinstance(value, str) and not value.strip() and default is _MISSING:
         raise ConfigError(f"{name}: must not be empty")
     return value
 
@@ -398,9 +401,17 @@ def _sync_config(raw: dict, weex_raw: dict) -> SyncConfig:
         raw,
         p,
         {"interval_seconds", "page_size", "start_time", "workers", "symbols", "users"}
-        | {"lookback_seconds", "max_seconds"},
+        | {"lookback_seconds", "max_seconds", "reconcile_every_seconds"}
+        | {"reconcile_window_seconds"},
     )
     symbols = _symbols(raw.get("symbols", "all"), "sync.symbols")
+    every = _ranged(raw, p, "reconcile_every_seconds", int, 86_400, 0, 30 * 86_400)
+    window = _ranged(raw, p, "reconcile_window_seconds", int, 172_800, 1, 365 * 86_400)
+    if every and window < every:
+        raise ConfigError(
+            "sync.reconcile_window_seconds: must be at least sync.reconcile_every_seconds "
+            "(else a fill shown late can fall between two reconciles)"
+        )
     if "users" in raw:
         users = _users(raw["users"], symbols)
     else:
@@ -411,6 +422,8 @@ def _sync_config(raw: dict, weex_raw: dict) -> SyncConfig:
         start_time=parse_time(raw.get("start_time", 0), "sync.start_time"),
         workers=_ranged(raw, p, "workers", int, 8, 1, 64),
         lookback_seconds=_ranged(raw, p, "lookback_seconds", int, 120, 0, 86400),
+        reconcile_every_seconds=every,
+        reconcile_window_seconds=window,
         max_seconds=_ranged(raw, p, "max_seconds", int, 0, 0, 86400),
         symbols=symbols,
         users=users,
@@ -557,8 +570,13 @@ class ExchangeUnreachable(ExchangeError):
     """No connection to the exchange host at all; the pairs still waiting fail fast with it."""
 
 
+class MalformedAnswer(ExchangeError):
+    """An HTTP 200 answer that is not a page of fills at all (wrong shape): retried like a
+    transport fault, never quarantined."""
+
+
 class BadData(SyncError):
-    """The exchange sent something we cannot store faithfully; nothing past it is stored."""
+    """The exchange sent fills that cannot be stored faithfully (they are quarantined)."""
 
 
 class DatabaseError(SyncError):
@@ -588,12 +606,25 @@ def printable(text: str, limit: int | None = None) -> str:
     return text
 
 
+Scrub = Callable[[str], str]
+
+
+def secret_forms(secret: str) -> set[str]:
+    """A secret as it may appear in a text on its way out: raw, and as a Python repr, a JSON
+    string or printable() escape it (a backslash doubled, a control character spelled out)."""
+    forms = {secret, json.dumps(secret)[1:-1], repr(secret)[1:-1], printable(secret)}
+    forms.add(json.dumps(secret, ensure_ascii=False)[1:-1])
+    forms |= {printable(f) for f in list(forms)}
+    return {f for f in forms if f}
+
+
 class Redactor:
-    """Replaces every configured secret in a text with '***'."""
+    """Replaces every configured secret, in every form it can take (secret_forms), with '***'."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         # one alternation, longest first, so a line is scanned once however many users there are
-        ordered = sorted({s for s in secrets if s}, key=len, reverse=True)
+        forms = {form for s in secrets if s for form in secret_forms(s)}
+        ordered = sorted(forms, key=len, reverse=True)
         self.pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
 
     def __call__(self, text: str) -> str:
@@ -604,7 +635,7 @@ class RedactingFormatter(logging.Formatter):
     """UTC timestamps; every message one printable line; secrets scrubbed from every line,
     tracebacks included."""
 
-    converter = time.gmtime
+    converter = staticmethod(time.gmtime)
 
     def __init__(self, redact: Redactor) -> None:
         super().__init__("%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s")
@@ -630,6 +661,7 @@ class JsonFormatter(RedactingFormatter):
         "inserted",
         "present",
         "late",
+        "rejected",
         "requests",
         "duration_ms",
         "success_count",
@@ -671,7 +703,7 @@ def setup_logging(level: str, redact: Redactor, fmt: str = "text", quiet: bool =
 
 
 # =============================================================================================
-# 4. WEEX client: the two API versions, signing, the shared rate budget, retries
+# 4. Fills: the two API versions, what an answer holds, each fill validated
 # =============================================================================================
 
 
@@ -693,7 +725,9 @@ class Api:
     version: int
     fills_path: str
     time_path: str
-    newest_first: bool | None  # v2: documented; v3: undocumented, so read off each page
+    # Which end of [startTime, endTime] a full page is taken from, where the docs say. Neither
+    # version's docs do, so each walk learns it from what its requests return (see Walk).
+    selects: Selection | None
     has_totals: bool  # v2 answers carry nextFlag and totals; v3 is a bare array
     max_span_ms: int | None  # the longest endTime - startTime one request may ask for
     horizon_ms: int | None  # how far back startTime may reach
@@ -701,11 +735,19 @@ class Api:
     fields: FillFields
 
 
+class Selection(enum.Enum):
+    """Which fills of a range a full page holds: the newest or the oldest ``limit`` of them
+    (however the page itself lists them)."""
+
+    NEWEST = "newest"
+    OLDEST = "oldest"
+
+
 V2 = Api(
     version=2,
     fills_path="/capi/v2/order/fills",
     time_path="/capi/v2/market/time",
-    newest_first=True,
+    selects=None,
     has_totals=True,
     max_span_ms=None,
     horizon_ms=None,
@@ -722,7 +764,7 @@ V3 = Api(
     version=3,
     fills_path="/capi/v3/userTrades",
     time_path="/capi/v3/market/time",
-    newest_first=None,
+    selects=None,
     has_totals=False,
     max_span_ms=7 * DAY_MS - 1,  # "at most 7 days": stay a millisecond inside it
     horizon_ms=365 * DAY_MS,
@@ -742,10 +784,336 @@ V3 = Api(
     fields=FillFields("id", "time", "side", "qty", "commission"),
 )
 APIS = {2: V2, 3: V3}
+
+
+class Fill(NamedTuple):
+    """One parsed fill (a NamedTuple: a long backfill creates hundreds of thousands)."""
+
+    trade_id: str
+    order_id: str
+    symbol: str  # the contract, cmt_ form, whichever API version sent it
+    side: str
+    price: Decimal
+    size: Decimal
+    fee: Decimal
+    fee_coin: str
+    trade_time: int
+    raw: str  # the fill object as JSON text, encoded on the fetching thread
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        """trade_fills' unique key (with user_id)."""
+        return (self.order_id, self.trade_id, self.trade_time)
+
+    def same_content(self, other: Fill) -> bool:
+        return self[:9] == other[:9]
+
+
+class Rejected(NamedTuple):
+    """A fill that failed validation, on its way to the quarantine (rejected_fills)."""
+
+    symbol: str  # the fill's contract if readable, else the walk's scope
+    trade_id: str | None  # if readable
+    trade_time: int | None  # if readable
+    reason: str
+    raw: str  # the fill object as sent, as JSON text (escaped, scrubbed, cut)
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.raw.encode()).hexdigest()[:32]
+
+
+class Answer(NamedTuple):
+    fills: list[Fill]  # the valid fills inside the requested range, in the order served
+    rejected: list[Rejected]
+    full: bool  # there may be more: v2 nextFlag, v3 a full page
+    total: int | None  # v2 'totals': how many fills match the query
+    times: list[int]  # in serving order, the time of every fill served inside the range whose
+    # time is readable, rejected ones included: they bound the page for paging
+
+
+SIDES = {"BUY": "1", "SELL": "2"}
+ID_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
+COIN_RE = re.compile(r"[A-Z0-9]{1,16}")
+# A plain decimal: no exponent, no underscores, no spaces; "1e-999999999" or "1_000" are not
+# amounts an exchange sends, and Decimal() would accept both.
+PLAIN_DECIMAL_RE = re.compile(r"-?[0-9]{1,40}(\.[0-9]{1,40})?")
+PRICE_CONTEXT = Context(prec=60)
+V2_PRICE_FIELDS = ("fillPrice", "price")
+MAX_PAGE_SIZE = 100  # the largest limit either version takes
+REJECTED_RAW_LIMIT = 16_384  # characters of a rejected fill's raw text kept in the quarantine
+
+
+def parse_answer(
+    api: Api, body: Any, scope: str, start: int, end: int, limit: int, scrub: Scrub = str
+) -> Answer:
+    """An answer's fills, each validated: the valid ones inside [start, end], and the others
+    rejected with the reason (a fill the exchange dates outside the request -- after its own
+    "now", say -- is rejected too, never a cursor position). An answer that is not a page of
+    fills at all raises MalformedAnswer (the client retries it)."""
+    if api.version == 2:
+        items, more, total = _v2_envelope(body)
+    else:
+        if not isinstance(body, list):
+            raise MalformedAnswer(f"answer is a JSON {type(body).__name__}, not the array of fills")
+        items, more, total = body, len(body) >= limit, None
+    fills: list[Fill] = []
+    rejected: list[Rejected] = []
+    times: list[int] = []
+    for item in items:
+        try:
+            fill = parse_fill(api, item, scope)
+        except BadData as exc:
+            when = _readable(_time_field, item, api.fields.time)
+            if when is not None and start <= when <= end:
+                times.append(when)
+            rejected.append(reject(api, item, scope, str(exc), scrub))
+            continue
+        if not start <= fill.trade_time <= end:
+            reason = (
+                f"fill tradeId={fill.trade_id} at {fill.trade_time} "
+                f"({format_ms(fill.trade_time)}) is outside the requested range {start}..{end}"
+            )
+            rejected.append(reject(api, item, scope, reason, scrub))
+            continue
+        times.append(fill.trade_time)
+        fills.append(fill)
+    return Answer(_distinct(fills), rejected, more, total, times)
+
+
+def _v2_envelope(body: Any) -> tuple[list, bool, int | None]:
+    if not isinstance(body, dict):
+        raise MalformedAnswer(f"answer is a JSON {type(body).__name__}, not an object")
+    items = body.get("list")
+    more = body.get("nextFlag")
+    if items is None and more is None:
+        raise MalformedAnswer("answer has neither 'list' nor 'nextFlag'")
+    if items is None:
+        items = []
+    if not isinstance(items, list):
+        raise MalformedAnswer(f"'list' is a {type(items).__name__}, not an array")
+    if not isinstance(more, bool):
+        raise MalformedAnswer(f"'nextFlag' {_shown(more)} is not true/false")
+    if more and not items:
+        raise MalformedAnswer("exchange returned an empty page with nextFlag=true")
+    total = body.get("totals")
+    return items, more, total if isinstance(total, int) and not isinstance(total, bool) else None
+
+
+def _distinct(fills: list[Fill]) -> list[Fill]:
+    """The answer without a fill listed twice. Two versions of one (order, trade) both stay:
+    the store decides (Store.save_batch)."""
+    seen: set[tuple] = set()
+    out = []
+    for f in fills:
+        if f[:9] not in seen:
+            seen.add(f[:9])
+            out.append(f)
+    return out
+
+
+def reject(api: Api, obj: Any, scope: str, reason: str, scrub: Scrub) -> Rejected:
+    """A fill that failed validation, with what can still be read of it."""
+    symbol = scope
+    if isinstance(obj, dict) and isinstance(obj.get("symbol"), str):
+        symbol = contract_symbol(obj["symbol"]) or scope
+    trade_id = _readable(_id_field, obj, api.fields.trade_id)
+    when = _readable(_time_field, obj, api.fields.time)
+    return Rejected(symbol, trade_id, when, printable(scrub(reason), 500), escaped_raw(obj, scrub))
+
+
+def fill_rejected(fill: Fill, reason: str) -> Rejected:
+    return Rejected(fill.symbol, fill.trade_id, fill.trade_time, reason, fill.raw)
+
+
+def _readable(read: Callable[[dict, str, str], T], obj: Any, name: str) -> T | None:
+    if not isinstance(obj, dict):
+        return None
+    try:
+        return read(obj, name, "fill")
+    except BadData:
+        return None
+
+
+def escaped_raw(obj: Any, scrub: Scrub) -> str:
+    """A served value as JSON text for the quarantine: ASCII only (control characters, NUL and
+    unpaired surrogates escaped, so PostgreSQL stores it as sent), scrubbed, cut."""
+    try:
+        text = to_json(obj)
+    except (ValueError, TypeError, RecursionError):
+        try:
+            text = json.dumps(obj, default=str)
+        except (ValueError, TypeError, RecursionError):
+            text = '"(not encodable: nested too deep)"'
+    return printable(scrub(text), REJECTED_RAW_LIMIT)
+
+
+def parse_fill(api: Api, obj: Any, scope: str) -> Fill:
+    """One fill of the answer, validated, or BadData naming the field. Never guesses."""
+    if not isinstance(obj, dict):
+        raise BadData(f"fill is a {type(obj).__name__}, not an object")
+    names = api.fields
+    trade_id = _id_field(obj, names.trade_id)
+    where = f"fill {names.trade_id}={trade_id}"
+    order_id = _id_field(obj, "orderId", where)
+    trade_time = _time_field(obj, names.time, where)
+    symbol = _fill_symbol(obj.get("symbol"), scope, where)
+    side = _side(obj, names.side, where)
+    size = _decimal_field(obj, names.size, where, positive=True)
+    fee = _decimal_field(obj, names.fee, where)
+    if api.version == 2:
+        price, coin = _v2_price(obj, size, where), fee_coin(symbol)
+    else:
+        price, coin = _decimal_field(obj, "price", where, positive=True), _coin(obj, where)
+    raw = to_json_checked(obj, where)
+    return Fill(trade_id, order_id, symbol, side, price, size, fee, coin, trade_time, raw)
+
+
+def _v2_price(obj: dict, size: Decimal, where: str) -> Decimal:
+    """v2: the fill's price field if it has one, else fillValue / fillSize, exactly."""
+    value = None
+    if obj.get("fillValue") not in (None, ""):
+        value = _decimal_field(obj, "fillValue", where, positive=True)
+    price_field = next((f for f in V2_PRICE_FIELDS if obj.get(f) not in (None, "")), None)
+    if price_field:
+        return _decimal_field(obj, price_field, where, positive=True)
+    if value is None:
+        raise BadData(f"{where}: neither a price nor fillValue; the price is undefined")
+    return exact_quotient(value, size)
+
+
+def _coin(obj: dict, where: str) -> str:
+    coin = obj.get("commissionAsset")
+    if not (isinstance(coin, str) and COIN_RE.fullmatch(coin)):
+        raise BadData(f"{where}: commissionAsset {_shown(coin)} is not a coin such as USDT")
+    return coin
+
+
+def _id_field(obj: dict, name: str, where: str = "fill") -> str:
+    value = obj.get(name)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**64:
+        return str(value)
+    if isinstance(value, str) and ID_RE.fullmatch(value):
+        return value
+    raise BadData(f"{where}: {name} {_shown(value)} is not an id")
+
+
+def _time_field(obj: dict, name: str, where: str) -> int:
+    value = obj.get(name)
+    if isinstance(value, str) and MS_RE.fullmatch(value):
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 10**14:
+        return value
+    raise BadData(f"{where}: {name} {_shown(value)} is not a time in milliseconds")
+
+
+def _fill_symbol(value: Any, scope: str, where: str) -> str:
+    """The fill's contract in the stored form; it must be the requested one, if one was."""
+    symbol = contract_symbol(value) if isinstance(value, str) else None
+    if symbol is None:
+        raise BadData(f"{where}: symbol {_shown(value)} is not a contract")
+    if scope != ALL_SYMBOLS and symbol != scope:
+        raise BadData(f"{where}: symbol {_shown(value)} does not match {scope}")
+    return symbol
+
+
+def _side(obj: dict, name: str, where: str) -> str:
+    value = obj.get(name)
+    side = SIDES.get(value) if isinstance(value, str) else None
+    if side is None:
+        raise BadData(f"{where}: {name} {_shown(value)} is not BUY or SELL")
+    return side
+
+
+def _decimal_field(obj: dict, name: str, where: str, positive: bool = False) -> Decimal:
+    """A plain decimal string or a JSON number of sane magnitude; positive where a sign makes no
+    sense (size, price, value). Fees keep the sign as sent (negative: a rebate)."""
+    value = obj.get(name)
+    number = None
+    if isinstance(value, str) and PLAIN_DECIMAL_RE.fullmatch(value):
+        number = Decimal(value)
+    elif isinstance(value, (int, Decimal)) and not isinstance(value, bool):
+        candidate = Decimal(value)
+        exponent = candidate.as_tuple().exponent  # an int unless NaN or infinite
+        if (
+            isinstance(exponent, int)
+            and -40 <= exponent
+            and (candidate.is_zero() or candidate.adjusted() < 40)
+        ):
+            number = candidate
+    if number is None:
+        raise BadData(f"{where}: {name} {_shown(value)} is not a decimal number")
+    if positive and number <= 0:
+        raise BadData(f"{where}: {name} {_shown(value)} is not positive")
+    return number
+
+
+def _shown(value: Any) -> str:
+    """A value in an error message. Not cut here: the message is cut once it has been scrubbed
+    of secrets (SyncPass._report), so no part of a secret can survive a cut."""
+    return "missing" if value is None else printable(repr(value))
+
+
+def exact_quotient(value: Decimal, size: Decimal) -> Decimal:
+    """fillValue / fillSize. The exchange computes value = price * size, so the quotient
+    terminates; 60 significant digits is far beyond any contract's price precision."""
+    return PRICE_CONTEXT.divide(value, size).normalize(PRICE_CONTEXT)
+
+
+def fee_coin(symbol: str) -> str:
+    """The contract's margin coin: USDT for cmt_*usdt (USDC for cmt_*usdc)."""
+    return symbol[-4:].upper()
+
+
+def to_json(value: Any) -> str:
+    """JSON text of a parsed answer; Decimals are written as the exact numbers they were read
+    as (the inverse of loads_exact), so the raw column keeps the fill exactly as sent."""
+    try:
+        return json.dumps(value)  # the C encoder; only Decimals need the slow path below
+    except TypeError:
+        pass
+    if isinstance(value, Decimal):
+        exponent = value.as_tuple().exponent
+        if not (isinstance(exponent, int) and -16383 <= exponent and value.adjusted() < 131072):
+            raise ValueError("a number beyond PostgreSQL's numeric range")
+        return str(value)
+    if isinstance(value, dict):
+        items = (f"{json.dumps(str(k))}:{to_json(v)}" for k, v in value.items())
+        return "{" + ",".join(items) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(to_json(v) for v in value) + "]"
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+_UNSTORABLE_JSON_RE = re.compile(
+    r"\\u0000|\\ud[89ab][0-9a-f]{2}(?!\\ud[c-f])|(?<!\\ud[89ab][0-9a-f]{2})\\ud[c-f]"
+)
+
+
+def to_json_checked(obj: dict, where: str) -> str:
+    """to_json, or BadData if jsonb could not store it exactly (NUL, an unpaired surrogate, a
+    number out of range, nesting too deep)."""
+    try:
+        text = to_json(obj)
+    except (ValueError, RecursionError):
+        raise BadData(
+            f"{where}: the fill cannot be stored as JSON (a value out of range)"
+        ) from None
+    if "\\u" in text and _UNSTORABLE_JSON_RE.search(text):
+        raise BadData(f"{where}: the fill contains a NUL or an unpaired surrogate character")
+    return text
+
+
+# =============================================================================================
+# 5. WEEX client: signing, the shared rate budget, retries, what an answer means
+# =============================================================================================
+
+
 FILLS_WEIGHT = 5
 V2_SUCCESS_CODES = {None, "0", "00000", "200"}
 MAX_BODY_BYTES = 8 * 2**20  # a page of fills is tens of KB; anything near this is not one
 RETRY_AFTER_CAP_SECONDS = 60.0
+MAX_CLOCK_OFFSET_MS = 7 * DAY_MS
 BACKOFF_CAP_SECONDS = 30.0
 
 
@@ -994,7 +1362,8 @@ def fetch(
 
 
 def _read_body(raw: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     while True:
         if time.monotonic() > deadline:
             raise _Transient("the answer did not arrive within weex.timeout_seconds")
@@ -1058,6 +1427,17 @@ class ServerClock:
 
     def now_ms(self) -> int:
         return int(time.time() * 1000) + self.offset_ms
+
+    def walk_end(self) -> int:
+        """The exchange's "now", where a walk ends; an error when the exchange's clock and this
+        machine's disagree by more than MAX_CLOCK_OFFSET_MS (one request span: beyond it the
+        cursor rule could not keep a fill from falling between two walks)."""
+        if abs(self.offset_ms) > MAX_CLOCK_OFFSET_MS:
+            raise ExchangeError(
+                f"the exchange's clock and this machine's differ by {abs(self.offset_ms) / DAY_MS:.1f}"
+                " days: fix this machine's clock (NTP) or check weex.base_url; nothing synced"
+            )
+        return self.now_ms()
 
     def ensure_measured(self, cfg: WeexConfig, api: Api) -> None:
         """Measure the offset unless done recently; on failure keep this machine's clock."""
@@ -1192,10 +1572,23 @@ def classify_response(
     return body
 
 
+class FillSource(Protocol):
+    """What a walk needs of the exchange: one validated answer of the fills endpoint. The real
+    FillsClient and the unit tests' in-memory exchange both implement it."""
+
+    api: Api
+    user_id: str
+
+    def page(
+        self, scope: str, start: int, end: int, limit: int, order_id: str | None = None
+    ) -> Answer: ...
+
+
 class FillsClient:
     """Signed fills requests for one user. This is the one retry layer: every attempt is freshly
     signed (a retried request never carries an expired timestamp), charged to the rate budget
-    and counted in ``requests_made``; backoff and Retry-After sleeps wake on a stop."""
+    and counted in ``requests_made``; backoff and Retry-After sleeps wake on a stop. An answer
+    that is not a page of fills is retried like a transport fault."""
 
     def __init__(
         self,
@@ -1211,6 +1604,7 @@ class FillsClient:
         self.api = APIS[cfg.api_version]
         self.host = host or HostWatch()
         self.user = user
+        self.user_id = user.user_id
         self.session = session
         self.clock = clock
         self.limiter = limiter
@@ -1218,9 +1612,9 @@ class FillsClient:
         self.requests_made = 0
         self._scrub = Redactor([user.secret_key, user.passphrase])
 
-    def get_fills(
-        self, scope: str, start: int | None, end: int | None, limit: int, order_id: str | None
-    ) -> Any:
+    def page(
+        self, scope: str, start: int, end: int, limit: int, order_id: str | None = None
+    ) -> Answer:
         """One answer of the fills endpoint for ``scope`` (a contract, or ALL_SYMBOLS)."""
         symbol = None
         if scope != ALL_SYMBOLS:
@@ -1233,14 +1627,18 @@ class FillsClient:
             "limit": limit,
         }
         query = urlencode({k: v for k, v in params.items() if v is not None})
-        return self._get(self.api.fills_path, query)
 
-    def _get(self, path: str, query: str) -> Any:
+        def parse(body: Any) -> Answer:
+            return parse_answer(self.api, body, scope, start, end, limit, self._scrub)
+
+        return self._get(self.api.fills_path, query, parse)
+
+    def _get(self, path: str, query: str, parse: Callable[[Any], T]) -> T:
         clock_resynced = False
         failures = 0
         while True:
             try:
-                return self._attempt(path, query)
+                return self._attempt(path, query, parse)
             except _ClockRejected as exc:
                 if clock_resynced:
                     raise ExchangeError(
@@ -1271,7 +1669,7 @@ class FillsClient:
                 if self.stop.wait(delay):
                     raise Interrupted() from None
 
-    def _attempt(self, path: str, query: str) -> Any:
+    def _attempt(self, path: str, query: str, parse: Callable[[Any], T]) -> T:
         self.limiter.acquire(self.user.api_key, FILLS_WEIGHT, self.stop)
         timestamp = str(self.clock.now_ms())
         headers = {
@@ -1289,261 +1687,15 @@ class FillsClient:
             self.requests_made += exc.sent
             raise
         self.requests_made += 1
-        return classify_response(self.api, status, content, retry_after, self._scrub)
+        body = classify_response(self.api, status, content, retry_after, self._scrub)
+        try:
+            return parse(body)
+        except MalformedAnswer as exc:
+            raise _Transient(f"malformed answer: {exc}") from None
 
 
 # =============================================================================================
-# 5. Parsing: an answer's fills, validated
-# =============================================================================================
-
-
-class Fill(NamedTuple):
-    """One parsed fill (a NamedTuple: a long backfill creates hundreds of thousands)."""
-
-    trade_id: str
-    order_id: str
-    symbol: str  # the contract, cmt_ form, whichever API version sent it
-    side: str
-    price: Decimal
-    size: Decimal
-    fee: Decimal
-    fee_coin: str
-    trade_time: int
-    raw: str  # the fill object as JSON text, encoded on the fetching thread
-
-    @property
-    def key(self) -> tuple[str, str, int]:
-        """trade_fills' unique key (with user_id)."""
-        return (self.order_id, self.trade_id, self.trade_time)
-
-    def same_content(self, other: Fill) -> bool:
-        return self[:9] == other[:9]
-
-
-class Answer(NamedTuple):
-    fills: list[Fill]  # in the order served
-    full: bool  # there may be more: v2 nextFlag, v3 a full page
-    total: int | None  # v2 'totals': how many fills match the query
-
-
-SIDES = {"BUY": "1", "SELL": "2"}
-ID_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
-COIN_RE = re.compile(r"[A-Z0-9]{1,16}")
-# A plain decimal: no exponent, no underscores, no spaces; "1e-999999999" or "1_000" are not
-# amounts an exchange sends, and Decimal() would accept both.
-PLAIN_DECIMAL_RE = re.compile(r"-?[0-9]{1,40}(\.[0-9]{1,40})?")
-PRICE_CONTEXT = Context(prec=60)
-V2_PRICE_FIELDS = ("fillPrice", "price")
-
-
-def parse_answer(api: Api, body: Any, scope: str, start: int, end: int, limit: int) -> Answer:
-    """An answer's fills, each validated and inside [start, end] (a fill the exchange dates after
-    its own "now" is bad data, never a cursor position), or BadData naming what is wrong."""
-    if api.version == 2:
-        items, more, total = _v2_envelope(body)
-    else:
-        if not isinstance(body, list):
-            raise BadData(f"answer is a JSON {type(body).__name__}, not the array of fills")
-        items, more, total = body, len(body) >= limit, None
-    fills = _distinct([parse_fill(api, item, scope) for item in items])
-    for f in fills:
-        if not start <= f.trade_time <= end:
-            raise BadData(
-                f"fill tradeId={f.trade_id} at {f.trade_time} ({format_ms(f.trade_time)}) is "
-                f"outside the requested range {start}..{end}"
-            )
-    return Answer(fills, more, total)
-
-
-def _v2_envelope(body: Any) -> tuple[list, bool, int | None]:
-    if not isinstance(body, dict):
-        raise BadData(f"answer is a JSON {type(body).__name__}, not an object")
-    items = body.get("list")
-    more = body.get("nextFlag")
-    if items is None and more is None:
-        raise BadData("answer has neither 'list' nor 'nextFlag'")
-    if items is None:
-        items = []
-    if not isinstance(items, list):
-        raise BadData(f"'list' is a {type(items).__name__}, not an array")
-    if not isinstance(more, bool):
-        raise BadData(f"'nextFlag' {_shown(more)} is not true/false")
-    if more and not items:
-        raise BadData("exchange returned an empty page with nextFlag=true")
-    total = body.get("totals")
-    return items, more, total if isinstance(total, int) and not isinstance(total, bool) else None
-
-
-def _distinct(fills: list[Fill]) -> list[Fill]:
-    """The answer without repeats. One tradeId twice with different contents is bad data: which
-    one is the fill?"""
-    seen: dict[str, Fill] = {}
-    out = []
-    for f in fills:
-        other = seen.get(f.trade_id)
-        if other is None:
-            seen[f.trade_id] = f
-            out.append(f)
-        elif not f.same_content(other):
-            raise BadData(f"fill tradeId={f.trade_id} appears twice in one answer, differently")
-    return out
-
-
-def parse_fill(api: Api, obj: Any, scope: str) -> Fill:
-    """One fill of the answer, validated, or BadData naming the field. Never guesses."""
-    if not isinstance(obj, dict):
-        raise BadData(f"fill is a {type(obj).__name__}, not an object")
-    names = api.fields
-    trade_id = _id_field(obj, names.trade_id)
-    where = f"fill {names.trade_id}={trade_id}"
-    order_id = _id_field(obj, "orderId", where)
-    trade_time = _time_field(obj, names.time, where)
-    symbol = _fill_symbol(obj.get("symbol"), scope, where)
-    side = _side(obj, names.side, where)
-    size = _decimal_field(obj, names.size, where, positive=True)
-    fee = _decimal_field(obj, names.fee, where)
-    if api.version == 2:
-        price, coin = _v2_price(obj, size, where), fee_coin(symbol)
-    else:
-        price, coin = _decimal_field(obj, "price", where, positive=True), _coin(obj, where)
-    raw = to_json_checked(obj, where)
-    return Fill(trade_id, order_id, symbol, side, price, size, fee, coin, trade_time, raw)
-
-
-def _v2_price(obj: dict, size: Decimal, where: str) -> Decimal:
-    """v2: the fill's price field if it has one, else fillValue / fillSize, exactly."""
-    value = None
-    if obj.get("fillValue") not in (None, ""):
-        value = _decimal_field(obj, "fillValue", where, positive=True)
-    price_field = next((f for f in V2_PRICE_FIELDS if obj.get(f) not in (None, "")), None)
-    if price_field:
-        return _decimal_field(obj, price_field, where, positive=True)
-    if value is None:
-        raise BadData(f"{where}: neither a price nor fillValue; the price is undefined")
-    return exact_quotient(value, size)
-
-
-def _coin(obj: dict, where: str) -> str:
-    coin = obj.get("commissionAsset")
-    if not (isinstance(coin, str) and COIN_RE.fullmatch(coin)):
-        raise BadData(f"{where}: commissionAsset {_shown(coin)} is not a coin such as USDT")
-    return coin
-
-
-def _id_field(obj: dict, name: str, where: str = "fill") -> str:
-    value = obj.get(name)
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**64:
-        return str(value)
-    if isinstance(value, str) and ID_RE.fullmatch(value):
-        return value
-    raise BadData(f"{where}: {name} {_shown(value)} is not an id")
-
-
-def _time_field(obj: dict, name: str, where: str) -> int:
-    value = obj.get(name)
-    if isinstance(value, str) and MS_RE.fullmatch(value):
-        value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 10**14:
-        return value
-    raise BadData(f"{where}: {name} {_shown(value)} is not a time in milliseconds")
-
-
-def _fill_symbol(value: Any, scope: str, where: str) -> str:
-    """The fill's contract in the stored form; it must be the requested one, if one was."""
-    symbol = contract_symbol(value) if isinstance(value, str) else None
-    if symbol is None:
-        raise BadData(f"{where}: symbol {_shown(value)} is not a contract")
-    if scope != ALL_SYMBOLS and symbol != scope:
-        raise BadData(f"{where}: symbol {_shown(value)} does not match {scope}")
-    return symbol
-
-
-def _side(obj: dict, name: str, where: str) -> str:
-    side = SIDES.get(obj.get(name)) if isinstance(obj.get(name), str) else None
-    if side is None:
-        raise BadData(f"{where}: {name} {_shown(obj.get(name))} is not BUY or SELL")
-    return side
-
-
-def _decimal_field(obj: dict, name: str, where: str, positive: bool = False) -> Decimal:
-    """A plain decimal string or a JSON number of sane magnitude; positive where a sign makes no
-    sense (size, price, value). Fees keep the sign as sent (negative: a rebate)."""
-    value = obj.get(name)
-    number = None
-    if isinstance(value, str) and PLAIN_DECIMAL_RE.fullmatch(value):
-        number = Decimal(value)
-    elif isinstance(value, (int, Decimal)) and not isinstance(value, bool):
-        candidate = Decimal(value)
-        if (
-            candidate.is_finite()
-            and -40 <= candidate.as_tuple().exponent
-            and (candidate.is_zero() or candidate.adjusted() < 40)
-        ):
-            number = candidate
-    if number is None:
-        raise BadData(f"{where}: {name} {_shown(value)} is not a decimal number")
-    if positive and number <= 0:
-        raise BadData(f"{where}: {name} {_shown(value)} is not positive")
-    return number
-
-
-def _shown(value: Any) -> str:
-    """A value in an error message. Not cut here: the message is cut once it has been scrubbed
-    of secrets (SyncPass._report), so no part of a secret can survive a cut."""
-    return "missing" if value is None else printable(repr(value))
-
-
-def exact_quotient(value: Decimal, size: Decimal) -> Decimal:
-    """fillValue / fillSize. The exchange computes value = price * size, so the quotient
-    terminates; 60 significant digits is far beyond any contract's price precision."""
-    return PRICE_CONTEXT.divide(value, size).normalize(PRICE_CONTEXT)
-
-
-def fee_coin(symbol: str) -> str:
-    """The contract's margin coin: USDT for cmt_*usdt (USDC for cmt_*usdc)."""
-    return symbol[-4:].upper()
-
-
-def to_json(value: Any) -> str:
-    """JSON text of a parsed answer; Decimals are written as the exact numbers they were read
-    as (the inverse of loads_exact), so the raw column keeps the fill exactly as sent."""
-    try:
-        return json.dumps(value)  # the C encoder; only Decimals need the slow path below
-    except TypeError:
-        pass
-    if isinstance(value, Decimal):
-        if not (-16383 <= value.as_tuple().exponent and value.adjusted() < 131072):
-            raise ValueError("a number beyond PostgreSQL's numeric range")
-        return str(value)
-    if isinstance(value, dict):
-        items = (f"{json.dumps(str(k))}:{to_json(v)}" for k, v in value.items())
-        return "{" + ",".join(items) + "}"
-    if isinstance(value, list):
-        return "[" + ",".join(to_json(v) for v in value) + "]"
-    raise TypeError(f"cannot encode {type(value).__name__}")
-
-
-_UNSTORABLE_JSON_RE = re.compile(
-    r"\\u0000|\\ud[89ab][0-9a-f]{2}(?!\\ud[c-f])|(?<!\\ud[89ab][0-9a-f]{2})\\ud[c-f]"
-)
-
-
-def to_json_checked(obj: dict, where: str) -> str:
-    """to_json, or BadData if jsonb could not store it exactly (NUL, an unpaired surrogate, a
-    number out of range, nesting too deep)."""
-    try:
-        text = to_json(obj)
-    except (ValueError, RecursionError):
-        raise BadData(
-            f"{where}: the fill cannot be stored as JSON (a value out of range)"
-        ) from None
-    if "\\u" in text and _UNSTORABLE_JSON_RE.search(text):
-        raise BadData(f"{where}: the fill contains a NUL or an unpaired surrogate character")
-    return text
-
-
-# =============================================================================================
-# 6. Paging: windows, the walk over a time range in either sort order, bursts
+# 6. Paging: the cursor rule, then the walk over its ranges in whatever order pages come
 # =============================================================================================
 
 
@@ -1551,27 +1703,114 @@ def to_json_checked(obj: dict, where: str) -> str:
 class Cursor:
     """Where a (user, symbol) stands; committed in the same transaction as the fills it covers.
 
-    Every fill before ``synced_through`` is stored, except while ``walk_end`` is set: then an
-    interrupted walk still owes ``[synced_through, walk_end]``, and once that range is read the
-    cursor moves to ``walk_target``. The next walk starts at ``synced_through`` (inclusive).
-    ``last_end`` is where the last completed walk ended: a fill stored later at or before it
-    became visible late."""
+    Every fill before ``synced_through`` has been read, except while ``walk_end`` is set: then
+    an interrupted walk still owes ``[synced_through, walk_end]``, and once that range is read
+    the cursor moves to ``walk_target``. ``last_end``: every fill up to it has been read at
+    least once (a fill stored later at or before it became visible late). ``reconciled_at``:
+    the end of the last walk that re-read the reconcile window."""
 
     synced_through: int
     walk_end: int | None = None
     walk_target: int | None = None
     last_end: int | None = None
+    reconciled_at: int | None = None
 
 
-class Batch(NamedTuple):
-    """New fills of one or more pages, and the cursor that is true once they are stored."""
+@dataclass(frozen=True)
+class CursorRule:
+    """The settings the cursor rule reads (sync.*), in milliseconds."""
 
-    fills: list[Fill]
-    cursor: Cursor
-    done: bool  # the walk is complete
+    start_time: int = 0
+    lookback_ms: int = 120 * SECOND_MS
+    reconcile_every_ms: int = DAY_MS  # 0: no reconcile
+    reconcile_window_ms: int = 2 * DAY_MS
+
+    @classmethod
+    def of(cls, sync: SyncConfig) -> CursorRule:
+        return cls(
+            sync.start_time,
+            sync.lookback_seconds * SECOND_MS,
+            sync.reconcile_every_seconds * SECOND_MS,
+            sync.reconcile_window_seconds * SECOND_MS,
+        )
+
+
+class WalkPlan(NamedTuple):
+    """What one walk reads, and what its cursors carry on."""
+
+    ranges: tuple[tuple[int, int], ...]  # read in this order, each in windows the API allows
+    end: int  # the exchange's "now" when the walk started
+    base: Cursor  # the cursor before the walk (last_end, reconciled_at carry on from it)
+    late_before: int | None  # a fill stored at or before this became visible late
+    reconcile: bool  # the last range covers the reconcile window: the walk renews it
+    reconcile_due: bool  # ... because it was due (it costs extra requests: logged)
+    horizon: int | None  # the exchange's horizon moved the start up to here
 
 
 HORIZON_MARGIN_MS = 60_000  # stay this far inside the exchange's horizon (clock skew, latency)
+
+
+def plan_walk(
+    cursor: Cursor | None, newest_stored: int | None, rule: CursorRule, api: Api, now: int
+) -> WalkPlan:
+    """The cursor rule, in one place. A walk reads up to the exchange's ``now``, from the
+    earlier of
+
+    - the newest stored fill (``start_time`` while there is none), so a fill newer than every
+      stored one is fetched however late the exchange shows it -- but from no further back
+      than one request span (v3: 7 days; v2: any), so an idle account still costs one request;
+    - the end of the last walk minus the lookback (fills older than the newest stored one
+      that became visible a little late);
+    - once every ``reconcile_every``, ``now`` minus the reconcile window (fills shown up to a
+      day late, older than the newest stored one, in any contract).
+
+    A cursor that owes a range (an interrupted walk) reads it first; the first walk of a pair
+    starts at ``start_time``. No start lies before the exchange's horizon (v3: 365 days)."""
+    if cursor is None:
+        return _with_horizon(
+            WalkPlan(
+                ((rule.start_time, now),), now, Cursor(rule.start_time), None, True, False, None
+            ),
+            api,
+        )
+    newest = rule.start_time if newest_stored is None else max(newest_stored, rule.start_time)
+    recent = newest if api.max_span_ms is None else max(newest, now - api.max_span_ms)
+    owed: tuple[int, int] | None = None
+    if cursor.walk_end is not None and cursor.walk_target is not None:
+        owed, resumed = (cursor.synced_through, cursor.walk_end), cursor.walk_target
+    elif cursor.last_end is not None:
+        resumed = min(cursor.synced_through, cursor.last_end - rule.lookback_ms)
+    else:
+        resumed = cursor.synced_through
+    start = min(resumed, recent)
+    window_start = max(now - rule.reconcile_window_ms, rule.start_time)
+    due = rule.reconcile_every_ms > 0 and (
+        cursor.reconciled_at is None or now - cursor.reconciled_at >= rule.reconcile_every_ms
+    )
+    if due:
+        start = min(start, window_start)
+    reconcile = rule.reconcile_every_ms > 0 and start <= window_start
+    ranges = [(start, now)]
+    if owed is not None:
+        if start <= owed[1] + 1:  # the owed range is inside the walk: one range reads both
+            ranges = [(min(owed[0], start), now)]
+        else:
+            ranges = [owed, (start, now)]
+    plan = WalkPlan(tuple(ranges), now, cursor, cursor.last_end, reconcile, due and reconcile, None)
+    return _with_horizon(plan, api)
+
+
+def _with_horizon(plan: WalkPlan, api: Api) -> WalkPlan:
+    """The plan without what lies before the exchange's horizon (it is not served), and
+    without empty ranges."""
+    floor = None if api.horizon_ms is None else plan.end - api.horizon_ms + HORIZON_MARGIN_MS
+    ranges = tuple(
+        (lo if floor is None else max(lo, floor), hi)
+        for lo, hi in plan.ranges
+        if (floor is None or hi >= floor) and max(lo, floor or lo) <= hi
+    )
+    moved = floor is not None and any(lo < floor for lo, _ in plan.ranges)
+    return plan._replace(ranges=ranges, horizon=floor if moved else None)
 
 
 def windows(start: int, end: int, span: int | None) -> Iterator[tuple[int, int]]:
@@ -1583,116 +1822,192 @@ def windows(start: int, end: int, span: int | None) -> Iterator[tuple[int, int]]
         lo = hi + 1
 
 
-class WindowPlan(NamedTuple):
-    """What the cursor says while a window is read: with [low, high] of it still unread it owes
-    [low, max(high, owed_to)] and then moves to ``target``; once the window is read it is
-    ``finished``. The pure half of the cursor rule (the other: walk_and_store commits it)."""
+class Batch(NamedTuple):
+    """New fills of one or more pages, the fills rejected in them, and the cursor that is true
+    once they are stored."""
 
-    target: int
-    owed_to: int
-    finished: Cursor
-    last_end: int | None
-    done: bool  # the last window of the walk
-
-    def owing(self, ranges: list[tuple[int, int, frozenset]]) -> Cursor:
-        """One owed range spanning every unread range (conservative when a page left both of
-        its sides unread)."""
-        low = min(r[0] for r in ranges)
-        high = max(max(r[1] for r in ranges), self.owed_to)
-        return Cursor(low, high, self.target, self.last_end)
+    fills: list[Fill]
+    rejected: list[Rejected]
+    cursor: Cursor
+    done: bool  # the walk is complete
 
 
-def walk(
-    client: FillsClient,
-    scope: str,
-    cursor: Cursor,
-    end: int,
-    settle: int,
-    page_size: int,
-) -> Iterator[Batch]:
-    """Every fill of ``scope`` the cursor does not cover, up to ``end``: first what an
-    interrupted walk owes, then the rest; both in windows the API allows (v3: 7 days), oldest
-    first. Each batch carries the cursor to commit with it. The finished cursor stops at
-    ``settle`` (end minus the lookback): fills after it may still become visible, so the next
-    walk starts there."""
-    span, last_end = client.api.max_span_ms, cursor.last_end
-    start = cursor.synced_through
-    if cursor.walk_end is not None and cursor.walk_target is not None:
-        owed_to, target = cursor.walk_end, cursor.walk_target
-        parts = list(windows(start, owed_to, span))  # one, unless a v2 walk is resumed on v3
+class Side(enum.Enum):
+    """Which side of a full page a range continues: the older fills below its oldest, or the
+    newer fills above its newest."""
+
+    BELOW = "below"
+    ABOVE = "above"
+
+
+# A full page of selection NEWEST leaves the fills below it to read; OLDEST those above it.
+CONTINUES = {Selection.NEWEST: Side.BELOW, Selection.OLDEST: Side.ABOVE}
+OTHER_SIDE = {Side.BELOW: Side.ABOVE, Side.ABOVE: Side.BELOW}
+
+
+@dataclass(frozen=True)
+class Span:
+    """A range of one window still to read. ``seen``: the fills at an inclusive edge that are
+    already read. A range that continues a full page knows which ``side`` of it it is, the
+    page's ``edge`` millisecond, the ``page`` it continues, and the ``guard``: the page's
+    other side, which the learned selection says holds nothing new -- read all the same
+    unless this side's answer bears the selection out."""
+
+    lo: int
+    hi: int
+    seen: frozenset = frozenset()
+    side: Side | None = None
+    edge: int = 0
+    page: int = 0
+    guard: Span | None = None
+
+
+class Walk:
+    """One walk over a plan's ranges, and all it learns on the way.
+
+    The API returns at most ``limit`` fills of a range and does not say which ones (the newest
+    or the oldest of the range) nor in which order it lists them. Each full page leaves one of
+    its sides unread: the older side if the exchange selects the newest fills, the newer side
+    if the oldest. Until the walk knows the selection it reads both. It learns it from what
+    the next request returns: a side that holds a full page of fills beyond the page's edge
+    shows which end that page was taken from (lateness alone cannot fill a page), and the other
+    side is then known to hold nothing new. Once learned, it is checked on every page: the
+    skipped side is read after all when the side read finds nothing beyond the edge, and
+    a contradicting answer makes the walk read both sides again."""
+
+    def __init__(self, source: FillSource, scope: str, plan: WalkPlan, page_size: int) -> None:
+        self.source = source
+        self.scope = scope
+        self.plan = plan
+        self.page_size = page_size
+        self.selects: Selection | None = source.api.selects
+        self.read_through = plan.base.last_end  # advances with each finished window
+        self._pages = itertools.count(1)
+        self._rejected_seen: set[str] = set()
+
+    def batches(self) -> Iterator[Batch]:
+        """Every fill of the plan's ranges, each batch with the cursor to commit with it."""
+        span = self.source.api.max_span_ms
+        parts = [w for lo, hi in self.plan.ranges for w in windows(lo, hi, span)]
         for i, (lo, hi) in enumerate(parts):
-            last_part = i == len(parts) - 1
-            finished = (
-                Cursor(target, last_end=last_end)
-                if last_part
-                else Cursor(hi + 1, owed_to, target, last_end)
-            )
-            plan = WindowPlan(target, owed_to, finished, last_end, last_part and target > end)
-            yield from walk_window(client, scope, lo, hi, page_size, plan)
-        if target > end:
+            after = parts[i + 1][0] if i + 1 < len(parts) else None
+            yield from self._window(lo, hi, after)
+
+    def _window(self, lo: int, hi: int, after: int | None) -> Iterator[Batch]:
+        todo = [Span(lo, hi)]
+        while todo:
+            span = todo.pop()
+            answer = self.source.page(self.scope, span.lo, span.hi, self.page_size)
+            new = [f for f in answer.fills if f.key not in span.seen]
+            rejected = answer.rejected
+            self._check(span, answer, todo)
+            if answer.full:
+                more, burst, burst_rejected = self._continue(span, answer)
+                new = new if burst is None else [f for f in burst if f.key not in span.seen]
+                rejected = rejected + burst_rejected
+                todo.extend(more)
+            rejected = self._first_sight(rejected)
+            if todo:
+                yield Batch(new, rejected, self._owing(todo, hi, after), False)
+            else:
+                yield Batch(new, rejected, self._finished(hi, after), after is None)
+
+    def _check(self, span: Span, answer: Answer, todo: list[Span]) -> None:
+        """What this answer says of the selection: learn it, confirm it, or unlearn it."""
+        if span.side is None:
             return
-        start = target
-    for lo, hi in windows(start, end, span):
-        target = min(hi + 1, settle)
-        finished = Cursor(target, last_end=end if hi == end else last_end)
-        yield from walk_window(
-            client, scope, lo, hi, page_size, WindowPlan(target, hi, finished, last_end, hi == end)
-        )
-
-
-def walk_window(
-    client: FillsClient, scope: str, lo: int, hi: int, page_size: int, plan: WindowPlan
-) -> Iterator[Batch]:
-    """Every fill in [lo, hi], whatever order the exchange serves pages in. A full page of
-    newest fills leaves [lo, oldest] to read next, a full page of oldest fills [newest, hi]:
-    inclusive, because other fills may share that millisecond (those already seen are
-    dropped). The order is read off each page; a page that is not sorted leaves both sides."""
-    todo: list[tuple[int, int, frozenset]] = [(lo, hi, frozenset())]
-    while todo:
-        a, b, seen = todo.pop()
-        answer = fetch_answer(client, scope, a, b, page_size)
-        new = [f for f in answer.fills if f.key not in seen]
-        if answer.full:
-            more, new = _next_ranges(client, scope, a, b, answer, page_size, seen, new)
-            todo.extend(more)
-        if todo:
-            yield Batch(new, plan.owing(todo), False)
+        if span.side is Side.BELOW:
+            beyond = any(t < span.edge for t in answer.times)
         else:
-            yield Batch(new, plan.finished, plan.done)
+            beyond = any(t > span.edge for t in answer.times)
+        shown = Selection.NEWEST if span.side is Side.BELOW else Selection.OLDEST
+        if beyond and self.selects not in (None, shown):
+            log.info(
+                "%s/%s: the exchange's pages contradict the selection learned so far; reading "
+                "both sides of every page again",
+                self.source.user_id,
+                self.scope,
+            )
+            self.selects = None
+        elif beyond and answer.full and self.selects is None:
+            self.selects = shown
+            log.debug(
+                "%s/%s: pages hold the %s fills", self.source.user_id, self.scope, shown.value
+            )
+            todo[:] = [t for t in todo if t.page != span.page or t.side is span.side]
+        if span.guard is not None and not beyond:
+            todo.append(span.guard)
 
+    def _continue(
+        self, span: Span, answer: Answer
+    ) -> tuple[list[Span], list[Fill] | None, list[Rejected]]:
+        """The ranges left of ``span`` after a full answer (in the order to read them, last
+        first), and for a page of one millisecond the fills of that millisecond."""
+        if not answer.times:
+            raise ExchangeError(
+                f"a full page of {span.lo}..{span.hi} holds no fill with a readable time inside "
+                "the range; the walk cannot page past it (reported every pass)"
+            )
+        oldest, newest = min(answer.times), max(answer.times)
+        page = next(self._pages)
+        burst: list[Fill] | None = None
+        burst_rejected: list[Rejected] = []
+        if oldest == newest:  # one millisecond fills the page: the inclusive walk cannot move
+            burst, burst_rejected = resolve_burst(
+                self.source, self.scope, oldest, answer, self.page_size
+            )
+            below = Span(span.lo, oldest - 1, side=Side.BELOW, edge=oldest, page=page)
+            above = Span(oldest + 1, span.hi, side=Side.ABOVE, edge=oldest, page=page)
+        else:
+            at: dict[int, set[tuple[str, str, int]]] = {oldest: set(), newest: set()}
+            for f in answer.fills:
+                if f.trade_time in at:
+                    at[f.trade_time].add(f.key)
+            below = Span(span.lo, oldest, frozenset(at[oldest]), Side.BELOW, oldest, page)
+            above = Span(newest, span.hi, frozenset(at[newest]), Side.ABOVE, newest, page)
+        sides = {Side.BELOW: below, Side.ABOVE: above}
+        if self.selects is None:  # both, the side the page's own order hints at first
+            first = Side.ABOVE if served_newest_first(answer.times) is False else Side.BELOW
+            more = [sides[OTHER_SIDE[first]], sides[first]]
+        else:
+            side = CONTINUES[self.selects]
+            read, skipped = sides[side], sides[OTHER_SIDE[side]]
+            if read.lo > read.hi:  # nothing to read on the learned side: the check is the other
+                more = [skipped]
+            else:
+                more = [replace(read, guard=skipped if skipped.lo <= skipped.hi else None)]
+        return [s for s in more if s.lo <= s.hi], burst, burst_rejected
 
-def _next_ranges(
-    client: FillsClient,
-    scope: str,
-    a: int,
-    b: int,
-    answer: Answer,
-    page_size: int,
-    seen: frozenset,
-    new: list[Fill],
-) -> tuple[list[tuple[int, int, frozenset]], list[Fill]]:
-    """What is left of [a, b] after a full page, and the page's new fills."""
-    times = [f.trade_time for f in answer.fills]
-    oldest, newest = min(times), max(times)
-    if oldest == newest:  # one millisecond fills the page: the inclusive walk cannot move
-        burst = resolve_burst(client, scope, oldest, answer, page_size)
-        new = [f for f in burst if f.key not in seen]
-        below, above = (a, oldest - 1, frozenset()), (oldest + 1, b, frozenset())
-        newest_first = client.newest_first
-    else:
-        newest_first = client.api.newest_first
-        if newest_first is None:
-            newest_first = served_newest_first(times)
-        if newest_first is not None:
-            client.newest_first = newest_first
-        below = (a, oldest, frozenset(f.key for f in answer.fills if f.trade_time == oldest))
-        above = (newest, b, frozenset(f.key for f in answer.fills if f.trade_time == newest))
-    sides = {True: [below], False: [above], None: [below, above]}[newest_first]
-    return [r for r in sides if r[0] <= r[1]], new
+    def _owing(self, todo: list[Span], hi: int, after: int | None) -> Cursor:
+        """The cursor while ``todo`` (and the sides it guards) is unread: one owed range from
+        the lowest of them to the window's end (conservative), then on to the next window."""
+        low = min(min(s.lo, s.guard.lo if s.guard else s.lo) for s in todo)
+        base = self.plan.base
+        target = hi + 1 if after is None else after
+        return Cursor(low, hi, target, self.read_through, base.reconciled_at)
+
+    def _finished(self, hi: int, after: int | None) -> Cursor:
+        self.read_through = hi if self.read_through is None else max(self.read_through, hi)
+        reconciled = self.plan.base.reconciled_at
+        if after is None:
+            if self.plan.reconcile:
+                reconciled = self.plan.end
+            return Cursor(hi + 1, last_end=self.read_through, reconciled_at=reconciled)
+        return Cursor(after, last_end=self.read_through, reconciled_at=reconciled)
+
+    def _first_sight(self, rejected: list[Rejected]) -> list[Rejected]:
+        """Each rejected fill once per walk (pages overlap at their edges)."""
+        out = []
+        for r in rejected:
+            if r.fingerprint not in self._rejected_seen:
+                self._rejected_seen.add(r.fingerprint)
+                out.append(r)
+        return out
 
 
 def served_newest_first(times: list[int]) -> bool | None:
-    """True if the page is sorted newest first, False if oldest first, None if not sorted."""
+    """True if the page lists its fills newest first, False if oldest first, None if neither.
+    A hint for which side of a page to read first; never taken for the selection."""
     steps = list(itertools.pairwise(times))
     if all(x >= y for x, y in steps):
         return True
@@ -1701,40 +2016,37 @@ def served_newest_first(times: list[int]) -> bool | None:
     return None
 
 
-def fetch_answer(
-    client: FillsClient,
-    scope: str,
-    start: int,
-    end: int,
-    limit: int,
-    order_id: str | None = None,
-) -> Answer:
-    body = client.get_fills(scope, start, end, limit, order_id)
-    return parse_answer(client.api, body, scope, start, end, limit)
-
-
 def resolve_burst(
-    client: FillsClient, scope: str, ms: int, answer: Answer, page_size: int
-) -> list[Fill]:
-    """All fills of millisecond ``ms`` when a full page holds nothing else: fetch that
-    millisecond order by order. v2 says how many there are ('totals') and we check; v3 does
+    source: FillSource, scope: str, ms: int, answer: Answer, page_size: int
+) -> tuple[list[Fill], list[Rejected]]:
+    """All fills of millisecond ``ms`` when a full page holds nothing else. A page smaller than
+    the API allows asks for that millisecond once with the largest page; if that is full too,
+    it is fetched order by order. v2 says how many there are ('totals') and we check; v3 does
     not, so an order whose fills there all lie beyond the first page would stay invisible --
     logged, because the API offers no way to know."""
+    if page_size < MAX_PAGE_SIZE:
+        whole = source.page(scope, ms, ms, MAX_PAGE_SIZE)
+        if not whole.full:
+            return whole.fills, whole.rejected
+        answer = whole
     found = {f.key: f for f in answer.fills}
+    rejected: list[Rejected] = list(answer.rejected)
     for order_id in sorted({f.order_id for f in answer.fills}):
-        per_order = fetch_answer(client, scope, ms, ms, page_size, order_id)
+        per_order = source.page(scope, ms, ms, MAX_PAGE_SIZE, order_id)
         if per_order.full:
             raise ExchangeError(
-                f"order {order_id} has {page_size} or more fills in millisecond {ms} "
+                f"order {order_id} has {MAX_PAGE_SIZE} or more fills in millisecond {ms} "
                 f"({format_ms(ms)}); the API cannot page within one millisecond, so the sync "
                 "of this symbol stops before it (reported every pass)"
             )
         found.update((f.key, f) for f in per_order.fills)
-    if client.api.has_totals:
-        expected = fetch_answer(client, scope, ms, ms, 1).total
+        rejected += per_order.rejected
+    if source.api.has_totals:
+        expected = source.page(scope, ms, ms, 1).total
         if expected is None:
-            raise BadData("'totals' is missing or not a count")
-        if len(found) < expected:
+            raise ExchangeError("v2 answer without 'totals': the burst cannot be checked")
+        unreadable = {r.fingerprint for r in rejected if r.trade_time == ms}
+        if len(found) + len(unreadable) < expected:
             raise ExchangeError(
                 f"{expected} fills share millisecond {ms} ({format_ms(ms)}) but only "
                 f"{len(found)} are reachable through their orders; the rest cannot be fetched, "
@@ -1744,13 +2056,13 @@ def resolve_burst(
         log.warning(
             "%s/%s: %d fills share millisecond %s; fetched order by order (%d orders). The v3 "
             "API gives no count to check this against",
-            client.user.user_id,
+            source.user_id,
             scope,
             len(found),
             format_ms(ms),
             len({f.order_id for f in found.values()}),
         )
-    return sorted(found.values(), key=lambda f: (f.order_id, f.trade_id))
+    return sorted(found.values(), key=lambda f: (f.order_id, f.trade_id)), rejected
 
 
 # =============================================================================================
@@ -1766,10 +2078,12 @@ def batched(pages: Iterable[Batch], flush_now: Callable[[], bool]) -> Iterator[B
     statements, fewer commits) instead of 100; a merged batch carries its last page's cursor. A
     batch is cut short at the walk's end, after BATCH_SECONDS, or on flush_now()."""
     fills: list[Fill] = []
+    rejected: list[Rejected] = []
     count, started, last = 0, time.monotonic(), None
     try:
         for page in pages:
             fills.extend(page.fills)
+            rejected.extend(page.rejected)
             count, last = count + 1, page
             if (
                 page.done
@@ -1777,11 +2091,11 @@ def batched(pages: Iterable[Batch], flush_now: Callable[[], bool]) -> Iterator[B
                 or time.monotonic() - started >= BATCH_SECONDS
                 or flush_now()
             ):
-                yield Batch(fills, page.cursor, page.done)
-                fills, count, started = [], 0, time.monotonic()
+                yield Batch(fills, rejected, page.cursor, page.done)
+                fills, rejected, count, started = [], [], 0, time.monotonic()
     except Exception:
         if count and last is not None:  # the pages before a failure are good: store them first
-            yield Batch(fills, last.cursor, False)
+            yield Batch(fills, rejected, last.cursor, False)
         raise
 
 
@@ -1836,8 +2150,8 @@ def prefetch(items: Iterator[T], stop: Stop, depth: int = 2) -> Iterator[Iterato
 # 8. Storage: schema, locks, the cursor, batches of fills, status rows
 # =============================================================================================
 
-SCHEMA_VERSION = 2
-SCHEMA_SQL = """\
+SCHEMA_VERSION = 3
+SCHEMA_SQL = f"""\
 -- weex_sync schema (python weex_sync.py --print-schema); weex_sync creates it when missing.
 
 -- One row per fill, exactly as the exchange reported it (raw) plus typed columns.
@@ -1873,18 +2187,20 @@ CREATE TABLE IF NOT EXISTS sync_status (
     duration_ms     integer     NOT NULL,
     status          text        NOT NULL CHECK (status IN ('success', 'error')),
     error_message   text,
-    late_count      integer     NOT NULL DEFAULT 0  -- of records_count: fills that became
-                                                    -- visible after the previous pass ended
+    late_count      integer     NOT NULL DEFAULT 0, -- of records_count: fills that became
+                                                    -- visible after a walk had read their time
+    rejected_count  integer     NOT NULL DEFAULT 0  -- fills put in rejected_fills this pass
 );
 CREATE INDEX IF NOT EXISTS sync_status_last_sync_time ON sync_status (last_sync_time DESC);
 CREATE INDEX IF NOT EXISTS sync_status_user_symbol
     ON sync_status (user_id, symbol, last_sync_time DESC);
 
 -- The incremental cursor, written in the same transaction as the fills it covers.
--- Every fill with trade_time < synced_through is stored, except while walk_end is set:
+-- Every fill with trade_time < synced_through has been read, except while walk_end is set:
 -- then an interrupted walk still owes [synced_through, walk_end] and, when it completes,
--- moves synced_through to walk_target. The next walk starts at synced_through inclusive.
--- last_end: where the last completed walk ended (fills stored later at or before it were late).
+-- moves synced_through to walk_target. last_end: every fill up to it has been read once (one
+-- stored later at or before it was late). reconciled_at: the last re-read of the reconcile
+-- window. Where the next walk starts is the cursor rule (README, "How it stays exact").
 CREATE TABLE IF NOT EXISTS sync_cursor (
     user_id        text        NOT NULL,
     symbol         text        NOT NULL,
@@ -1893,12 +2209,36 @@ CREATE TABLE IF NOT EXISTS sync_cursor (
     walk_target    bigint,
     last_end       bigint,
     updated_at     timestamptz NOT NULL DEFAULT now(),
+    reconciled_at  bigint,
     PRIMARY KEY (user_id, symbol)
 );
 
--- Upgrades from weex_sync 1.x (no-ops on a new database).
+-- The quarantine: fills the exchange served that weex_sync will not store as they are (a bad
+-- amount or id, a time outside the request, another version of a stored fill). One row per
+-- distinct fill as sent; resolved_at is set when a valid version of it is stored.
+CREATE TABLE IF NOT EXISTS rejected_fills (
+    id          bigserial   PRIMARY KEY,
+    user_id     text        NOT NULL,
+    symbol      text        NOT NULL,    -- the fill's contract if readable, else '*'
+    trade_id    text,                    -- if readable
+    trade_time  bigint,                  -- if readable, ms
+    reason      text        NOT NULL,
+    raw         text        NOT NULL,    -- the fill as sent, JSON text (escaped, cut at 16 KB)
+    fingerprint text        NOT NULL,
+    first_seen  timestamptz NOT NULL DEFAULT now(),
+    last_seen   timestamptz NOT NULL DEFAULT now(),
+    seen_count  integer     NOT NULL DEFAULT 1,
+    resolved_at timestamptz,
+    CONSTRAINT rejected_fills_fill UNIQUE (user_id, fingerprint)
+);
+CREATE INDEX IF NOT EXISTS rejected_fills_open
+    ON rejected_fills (user_id, trade_id) WHERE resolved_at IS NULL;
+
+-- Upgrades from weex_sync 1.x and 2.x (no-ops on a new database).
 ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS late_count integer NOT NULL DEFAULT 0;
+ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS rejected_count integer NOT NULL DEFAULT 0;
 ALTER TABLE sync_cursor ADD COLUMN IF NOT EXISTS last_end bigint;
+ALTER TABLE sync_cursor ADD COLUMN IF NOT EXISTS reconciled_at bigint;
 
 -- For analysts: times as timestamptz (UTC) and sides as words.
 CREATE OR REPLACE VIEW trade_fills_readable AS
@@ -1913,52 +2253,80 @@ SELECT user_id, symbol, order_id, trade_id,
 -- ever waits for a lock that an analyst's open transaction holds.
 CREATE TABLE IF NOT EXISTS weex_sync_schema (version integer NOT NULL);
 DELETE FROM weex_sync_schema;
-INSERT INTO weex_sync_schema (version) VALUES (2);
+INSERT INTO weex_sync_schema (version) VALUES ({SCHEMA_VERSION});
 """
 
 SCHEMA_LOCK_KEY = 0x7765_6578_5F73_796E  # "wex_syn": serialises concurrent schema creation
 LOCK_TIMEOUT = "10s"  # how long any statement of ours waits for a lock another session holds
 
 # One statement per batch with a column array per field (measured 1.7x the rows/s of
-# execute_values, which renders one VALUES tuple per row in Python; see bench/). It returns
-# how many rows were new, and how many of those were late.
+# execute_values, which renders one VALUES tuple per row in Python; see bench/). A fill whose
+# (user, order, trade) is stored already is not inserted, whatever its time: it is the same
+# fill, or a correction (CORRECTIONS_SQL). A stored fill resolves its quarantine rows. It
+# returns how many rows were new, and how many of those were late.
 INSERT_FILLS_SQL = """
-WITH inserted AS (
+WITH batch AS (
+    SELECT * FROM unnest(%(order_id)s::text[], %(trade_id)s::text[], %(symbol)s::text[],
+                         %(side)s::text[], %(price)s::numeric[], %(size)s::numeric[],
+                         %(fee)s::numeric[], %(fee_coin)s::text[], %(trade_time)s::bigint[],
+                         %(raw)s::text[])
+           AS b(order_id, trade_id, symbol, side, price, size, fee, fee_coin, trade_time, raw)
+), inserted AS (
     INSERT INTO trade_fills (user_id, order_id, trade_id, symbol, side, price, size, fee,
                              fee_coin, trade_time, raw)
     SELECT %(user_id)s, order_id, trade_id, symbol, side, price, size, fee, fee_coin,
            trade_time, raw::jsonb
-      FROM unnest(%(order_id)s::text[], %(trade_id)s::text[], %(symbol)s::text[],
-                  %(side)s::text[], %(price)s::numeric[], %(size)s::numeric[],
-                  %(fee)s::numeric[], %(fee_coin)s::text[], %(trade_time)s::bigint[],
-                  %(raw)s::text[])
-           AS batch(order_id, trade_id, symbol, side, price, size, fee, fee_coin, trade_time,
-                    raw)
+      FROM batch
+     WHERE NOT EXISTS (SELECT 1 FROM trade_fills stored
+                        WHERE stored.user_id = %(user_id)s AND stored.order_id = batch.order_id
+                          AND stored.trade_id = batch.trade_id)
     ON CONFLICT DO NOTHING
-    RETURNING trade_time
+    RETURNING trade_id, trade_time
+), resolved AS (
+    UPDATE rejected_fills r SET resolved_at = now()
+      FROM inserted
+     WHERE r.user_id = %(user_id)s AND r.trade_id = inserted.trade_id AND r.resolved_at IS NULL
+    RETURNING 1
 )
-SELECT count(*), count(*) FILTER (WHERE trade_time <= %(late_before)s) FROM inserted
+SELECT count(*), count(*) FILTER (WHERE trade_time <= %(late_before)s),
+       (SELECT count(*) FROM resolved)
+  FROM inserted
 """
-# A fill that was not inserted must be the one already stored: same key, same content.
-CONFLICT_SQL = """
-SELECT batch.trade_id, batch.order_id, batch.trade_time, batch.symbol, stored.symbol
+# The fills of a batch that were not inserted and differ from the stored fill of their
+# (user, order, trade): corrections. Those that match it are fills already stored.
+CORRECTIONS_SQL = """
+SELECT batch.n, stored.symbol, stored.side, stored.price, stored.size, stored.fee,
+       stored.trade_time
   FROM unnest(%(order_id)s::text[], %(trade_id)s::text[], %(symbol)s::text[],
               %(side)s::text[], %(price)s::numeric[], %(size)s::numeric[],
-              %(fee)s::numeric[], %(trade_time)s::bigint[])
-       AS batch(order_id, trade_id, symbol, side, price, size, fee, trade_time)
+              %(fee)s::numeric[], %(trade_time)s::bigint[], %(n)s::int[])
+       AS batch(order_id, trade_id, symbol, side, price, size, fee, trade_time, n)
   JOIN trade_fills stored
     ON stored.user_id = %(user_id)s AND stored.order_id = batch.order_id
-   AND stored.trade_id = batch.trade_id AND stored.trade_time = batch.trade_time
- WHERE (stored.symbol, stored.side, stored.price, stored.size, stored.fee)
-       IS DISTINCT FROM (batch.symbol, batch.side, batch.price, batch.size, batch.fee)
- LIMIT 1
+   AND stored.trade_id = batch.trade_id
+ WHERE (stored.symbol, stored.side, stored.price, stored.size, stored.fee, stored.trade_time)
+       IS DISTINCT FROM
+       (batch.symbol, batch.side, batch.price, batch.size, batch.fee, batch.trade_time)
+"""
+# Rejected fills, once each: a fill seen again counts; it is open until a valid version of it
+# is stored (or someone sets resolved_at). Returns whether each row is still open.
+QUARANTINE_SQL = """
+INSERT INTO rejected_fills (user_id, symbol, trade_id, trade_time, reason, raw, fingerprint)
+SELECT %(user_id)s, *
+  FROM unnest(%(symbol)s::text[], %(trade_id)s::text[], %(trade_time)s::bigint[],
+              %(reason)s::text[], %(raw)s::text[], %(fingerprint)s::text[])
+ON CONFLICT (user_id, fingerprint) DO UPDATE
+   SET last_seen = now(), seen_count = rejected_fills.seen_count + 1, reason = EXCLUDED.reason
+RETURNING resolved_at IS NULL
 """
 SAVE_CURSOR_SQL = """
-INSERT INTO sync_cursor (user_id, symbol, synced_through, walk_end, walk_target, last_end)
-VALUES (%s, %s, %s, %s, %s, %s)
+INSERT INTO sync_cursor (user_id, symbol, synced_through, walk_end, walk_target, last_end,
+                         reconciled_at)
+VALUES (%s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (user_id, symbol) DO UPDATE
    SET synced_through = EXCLUDED.synced_through, walk_end = EXCLUDED.walk_end,
-       walk_target = EXCLUDED.walk_target, last_end = EXCLUDED.last_end, updated_at = now()
+       walk_target = EXCLUDED.walk_target, last_end = EXCLUDED.last_end,
+       reconciled_at = EXCLUDED.reconciled_at, updated_at = now()
 """
 # The newest stored fill of a scope. For '*' (every contract) a loose index scan: one probe
 # of trade_fills_user_symbol_time per contract, instead of reading all of the user's rows.
@@ -1980,10 +2348,19 @@ SELECT max(newest) FROM (
 INSERT_STATUS_SQL = """
 INSERT INTO sync_status (pass_id, user_id, symbol, last_trade_time, records_count,
                          fetched_count, requests_count, duration_ms, status, error_message,
-                         late_count)
+                         late_count, rejected_count)
 VALUES (%(pass_id)s, %(user_id)s, %(symbol)s, %(last_trade_time)s, %(inserted)s,
-        %(fetched)s, %(requests)s, %(duration_ms)s, %(status)s, %(error)s, %(late)s)
+        %(fetched)s, %(requests)s, %(duration_ms)s, %(status)s, %(error)s, %(late)s,
+        %(rejected)s)
 """
+
+
+def one_row(cur: psycopg2.extensions.cursor) -> tuple:
+    """The row a statement that always returns one (an aggregate, RETURNING) returned."""
+    row = cur.fetchone()
+    if row is None:
+        raise DatabaseError("database error: a statement returned no row")
+    return row
 
 
 def connect(db: DatabaseConfig, dbname: str | None = None) -> Conn:
@@ -2058,10 +2435,10 @@ def ensure_schema(conn: Conn) -> None:
 def schema_version(conn: Conn) -> int:
     with conn, conn.cursor() as cur:
         cur.execute("SELECT to_regclass('weex_sync_schema') IS NOT NULL")
-        if not cur.fetchone()[0]:
+        if not one_row(cur)[0]:
             return 0
         cur.execute("SELECT coalesce(max(version), 0) FROM weex_sync_schema")
-        return cur.fetchone()[0]
+        return one_row(cur)[0]
 
 
 def lock_key(user_id: str, symbol: str) -> int:
@@ -2082,6 +2459,72 @@ def _columns(fills: list[Fill]) -> dict[str, list]:
         "fee_coin": [f.fee_coin for f in fills],
         "trade_time": [f.trade_time for f in fills],
         "raw": [f.raw for f in fills],
+    }
+
+
+class Saved(NamedTuple):
+    """What storing a batch came to."""
+
+    inserted: int
+    late: int  # of inserted: fills that became visible after a walk had read their time
+    rejected: int  # fills quarantined (or seen there again) that are still open
+    quarantined: list[Rejected]
+
+
+def _one_version(
+    fills: list[Fill],
+) -> tuple[list[Fill], dict[tuple[str, str], list[Fill]]]:
+    """The batch's fills of one (order, trade) each, and those served in several versions
+    (in two contracts of an ``all`` walk, or corrected while the walk was reading)."""
+    by_key: dict[tuple[str, str], list[Fill]] = {}
+    for f in fills:
+        served = by_key.setdefault((f.order_id, f.trade_id), [])
+        if not any(f.same_content(other) for other in served):
+            served.append(f)
+    singles = [served[0] for served in by_key.values() if len(served) == 1]
+    return singles, {key: served for key, served in by_key.items() if len(served) > 1}
+
+
+def _versions_reason(fill: Fill, served: list[Fill]) -> str:
+    return (
+        f"fill tradeId={fill.trade_id} of order {fill.order_id} was served in {len(served)} "
+        f"versions ({', '.join(sorted({f.symbol for f in served}))}); none is stored until one "
+        "version is served alone"
+    )
+
+
+def _correction(fill: Fill, stored: tuple) -> Rejected:
+    symbol, side, price, size, fee, trade_time = stored
+    kept = fill._replace(
+        symbol=symbol, side=side, price=price, size=size, fee=fee, trade_time=trade_time
+    )
+    return fill_rejected(fill, _correction_reason(kept, fill))
+
+
+def _correction_reason(stored: Fill, served: Fill) -> str:
+    changed = [
+        f"{name} {getattr(stored, name)} -> {getattr(served, name)}"
+        for name in ("symbol", "side", "price", "size", "fee", "trade_time")
+        if getattr(stored, name) != getattr(served, name)
+    ]
+    return (
+        f"correction: fill tradeId={served.trade_id} of order {served.order_id} is stored with "
+        f"other contents ({', '.join(changed)}); the stored row is kept"
+    )
+
+
+def _distinct_rejected(rejected: list[Rejected]) -> list[Rejected]:
+    return list({r.fingerprint: r for r in rejected}.values())
+
+
+def _rejected_columns(rejected: list[Rejected]) -> dict[str, list]:
+    return {
+        "symbol": [r.symbol for r in rejected],
+        "trade_id": [r.trade_id for r in rejected],
+        "trade_time": [r.trade_time for r in rejected],
+        "reason": [r.reason for r in rejected],
+        "raw": [r.raw for r in rejected],
+        "fingerprint": [r.fingerprint for r in rejected],
     }
 
 
@@ -2115,21 +2558,25 @@ class Store:
         """Session-level try-lock: never waits; PostgreSQL drops it if this process dies."""
         with self.transaction() as cur:
             cur.execute("SELECT pg_try_advisory_lock(%s)", (lock_key(user_id, symbol),))
-            return bool(cur.fetchone()[0])
+            return bool(one_row(cur)[0])
 
     def unlock(self, user_id: str, symbol: str) -> None:
         with contextlib.suppress(DatabaseError), self.transaction() as cur:
             cur.execute("SELECT pg_advisory_unlock(%s)", (lock_key(user_id, symbol),))
 
-    def load_cursor(self, user_id: str, symbol: str) -> Cursor | None:
+    def load_state(self, user_id: str, symbol: str) -> tuple[Cursor | None, int | None]:
+        """The pair's cursor and the time of its newest stored fill (what the cursor rule
+        reads), in one transaction."""
         with self.transaction() as cur:
             cur.execute(
-                "SELECT synced_through, walk_end, walk_target, last_end FROM sync_cursor"
-                " WHERE user_id = %s AND symbol = %s",
+                "SELECT synced_through, walk_end, walk_target, last_end, reconciled_at"
+                " FROM sync_cursor WHERE user_id = %s AND symbol = %s",
                 (user_id, symbol),
             )
             row = cur.fetchone()
-        return Cursor(*row) if row else None
+            cur.execute(NEWEST_FILL_SQL, {"user_id": user_id, "symbol": symbol})
+            newest = one_row(cur)[0]
+        return (Cursor(*row) if row else None), newest
 
     def last_synced(self) -> dict[tuple[str, str], dt.datetime]:
         """When each pair's cursor last moved: the pass starts with the stalest."""
@@ -2141,31 +2588,43 @@ class Store:
         self,
         user_id: str,
         symbol: str,
-        fills: list[Fill],
+        batch: Batch,
         cursor: Cursor | None,
         late_before: int | None,
-    ) -> tuple[int, int]:
-        """Insert the fills and move the cursor (unless None) in one transaction: (rows
-        inserted, of which late). A fill whose key is stored with other contents (another
-        symbol, side, price, size or fee) is BadData naming both, and nothing is committed."""
+    ) -> Saved:
+        """Insert the batch's fills, quarantine its rejected ones and the corrections it holds
+        (a fill whose (order, trade) is stored with other contents or another time: the
+        stored row is kept), and move the cursor (unless None), in one transaction."""
+        fills, versions = _one_version(batch.fills)
+        corrections: list[Rejected] = []
         inserted = late = 0
         with self.transaction() as cur:
+            if versions:  # compared with the stored fill if there is one, else all rejected
+                stored = self._stored_keys(cur, user_id, list(versions))
+                for key, served in versions.items():
+                    if key in stored:
+                        fills += served
+                    else:
+                        corrections += [
+                            fill_rejected(f, _versions_reason(f, served)) for f in served
+                        ]
             if fills:
                 columns = _columns(fills)
                 cur.execute(
                     INSERT_FILLS_SQL, {**columns, "user_id": user_id, "late_before": late_before}
                 )
-                inserted, late = cur.fetchone()
+                inserted, late, _ = one_row(cur)
                 if inserted < len(fills):
-                    cur.execute(CONFLICT_SQL, {**columns, "user_id": user_id})
-                    clash = cur.fetchone()
-                    if clash:
-                        raise BadData(
-                            f"fill tradeId={clash[0]} orderId={clash[1]} at {clash[2]} "
-                            f"({clash[3]}) has the key of a stored fill of {clash[4]} with "
-                            "other contents; not stored (the unique key is user, order, trade "
-                            "and time): report it to WEEX"
-                        )
+                    cur.execute(
+                        CORRECTIONS_SQL,
+                        {**columns, "user_id": user_id, "n": list(range(len(fills)))},
+                    )
+                    corrections += [_correction(fills[row[0]], row[1:]) for row in cur.fetchall()]
+            rejected = _distinct_rejected(batch.rejected + corrections)
+            still_open = 0
+            if rejected:
+                cur.execute(QUARANTINE_SQL, {**_rejected_columns(rejected), "user_id": user_id})
+                still_open = sum(bool(row[0]) for row in cur.fetchall())
             if cursor is not None:
                 cur.execute(
                     SAVE_CURSOR_SQL,
@@ -2176,9 +2635,21 @@ class Store:
                         cursor.walk_end,
                         cursor.walk_target,
                         cursor.last_end,
+                        cursor.reconciled_at,
                     ),
                 )
-        return inserted, late
+        return Saved(inserted, late, still_open, rejected)
+
+    @staticmethod
+    def _stored_keys(
+        cur: psycopg2.extensions.cursor, user_id: str, keys: list[tuple[str, str]]
+    ) -> set[tuple[str, str]]:
+        cur.execute(
+            "SELECT DISTINCT order_id, trade_id FROM trade_fills WHERE user_id = %s"
+            " AND (order_id, trade_id) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+            (user_id, [k[0] for k in keys], [k[1] for k in keys]),
+        )
+        return {(o, t) for o, t in cur.fetchall()}
 
     def count_new(self, user_id: str, fills: list[Fill]) -> int:
         """How many of these fills are not stored yet (read only, for --dry-run)."""
@@ -2196,17 +2667,17 @@ class Store:
                     [f.trade_time for f in fills],
                 ),
             )
-            return len(fills) - cur.fetchone()[0]
+            return len(fills) - one_row(cur)[0]
 
     def newest_fill(self, user_id: str, symbol: str) -> int | None:
         with self.transaction() as cur:
             cur.execute(NEWEST_FILL_SQL, {"user_id": user_id, "symbol": symbol})
-            return cur.fetchone()[0]
+            return one_row(cur)[0]
 
     def record_status(self, row: dict) -> None:
         with self.transaction() as cur:
             cur.execute(NEWEST_FILL_SQL, {"user_id": row["user_id"], "symbol": row["symbol"]})
-            cur.execute(INSERT_STATUS_SQL, {**row, "last_trade_time": cur.fetchone()[0]})
+            cur.execute(INSERT_STATUS_SQL, {**row, "last_trade_time": one_row(cur)[0]})
 
 
 # =============================================================================================
@@ -2214,6 +2685,7 @@ class Store:
 # =============================================================================================
 
 STOP_GRACE_SECONDS = 5.0  # after a stop request, requests in flight get this long to finish
+REJECTED_LOG_LIMIT = 5  # rejected fills logged one by one per pair and pass (all are stored)
 ERROR_LIMIT = 500  # characters of an error message kept in sync_status and the log
 
 
@@ -2244,17 +2716,39 @@ class Outcome:
     fetched: int = 0
     inserted: int = 0
     late: int = 0
+    rejected: int = 0  # fills quarantined this pass that are still open
+    quarantined: int = 0  # every fill quarantined (or seen there again) this pass
     requests: int = 0
     duration_ms: int = 0
     error: str | None = None
     cause: SyncError | None = field(default=None, repr=False)
+    first_rejection: str | None = None
 
     @property
     def name(self) -> str:
         return f"{self.user_id}/{self.symbol}"
 
+    @property
+    def present(self) -> int:
+        """Fills received that were stored already."""
+        return self.fetched - self.inserted - self.quarantined
+
     def fail(self, cause: SyncError) -> None:
         self.status, self.error, self.cause = "error", str(cause), cause
+
+    def note_rejected(self, rejected: list[Rejected], still_open: int) -> None:
+        """Count fills put in the quarantine, and log the first few of each pass."""
+        for r in rejected[: max(0, REJECTED_LOG_LIMIT - self.quarantined)]:
+            log.warning(
+                "%s: fill rejected: %s",
+                self.name,
+                r.reason,
+                extra={"event": "fill_rejected", "user": self.user_id, "symbol": self.symbol},
+            )
+        self.quarantined += len(rejected)
+        self.rejected += still_open
+        if rejected and self.first_rejection is None:
+            self.first_rejection = rejected[0].reason
 
     def status_row(self, pass_id: str) -> dict | None:
         """The sync_status row; none for a pair skipped or left for the next pass."""
@@ -2269,6 +2763,7 @@ class Outcome:
             "symbol": self.symbol,
             "inserted": self.inserted,
             "late": self.late,
+            "rejected": self.rejected,
             "fetched": self.fetched,
             "requests": self.requests,
             "duration_ms": self.duration_ms,
@@ -2279,16 +2774,18 @@ class Outcome:
     def log(self, dry_run: bool) -> None:
         new = "new" if dry_run else "inserted"
         counts = (
-            f"fetched={self.fetched} {new}={self.inserted} present={self.fetched - self.inserted}"
-            f" late={self.late} requests={self.requests} duration_ms={self.duration_ms}"
+            f"fetched={self.fetched} {new}={self.inserted} present={self.present}"
+            f" late={self.late} rejected={self.quarantined} requests={self.requests}"
+            f" duration_ms={self.duration_ms}"
         )
         fields = {
             "user": self.user_id,
             "symbol": self.symbol,
             "fetched": self.fetched,
             "inserted": self.inserted,
-            "present": self.fetched - self.inserted,
+            "present": self.present,
             "late": self.late,
+            "rejected": self.quarantined,
             "requests": self.requests,
             "duration_ms": self.duration_ms,
         }
@@ -2435,77 +2932,82 @@ def pair_lock(store: Store, outcome: Outcome, ctx: PassContext) -> Iterator[bool
 def walk_and_store(
     ctx: PassContext, store: Store, client: FillsClient, outcome: Outcome, stop: Stop
 ) -> None:
-    """Walk from the cursor (or the --since range) to the exchange's now and store each batch
-    with its cursor in one transaction, so a pass killed at any moment resumes exactly where its
-    last commit left off. The cursor rule: a re-scan or a dry run never moves it; a pass commits
-    each batch's cursor (Batch.cursor, see walk)."""
+    """Plan the walk (plan_walk: the cursor rule) and store each batch with its cursor in one
+    transaction, so a pass killed at any moment resumes exactly where its last commit left
+    off. A re-scan (--since) or a dry run never moves the cursor."""
     sync, options = ctx.cfg.sync, ctx.options
-    end = ctx.clock.now_ms()
+    end = ctx.clock.walk_end()
+    cursor, newest = store.load_state(outcome.user_id, outcome.symbol)
     if options.repair:
-        cursor = Cursor(options.since)  # type: ignore[arg-type]
-        end = min(end, options.until) if options.until is not None else end
-        settle, late_before = end, None
+        until = end if options.until is None else min(end, options.until)
+        since = options.since if options.since is not None else until
+        plan = _with_horizon(
+            WalkPlan(((since, until),), until, Cursor(since), None, False, False, None),
+            client.api,
+        )
     else:
-        cursor = store.load_cursor(outcome.user_id, outcome.symbol) or Cursor(sync.start_time)
-        lookback = sync.lookback_seconds * SECOND_MS
-        if cursor.walk_end is None and cursor.last_end is not None:  # a longer lookback counts now
-            cursor = replace(
-                cursor, synced_through=min(cursor.synced_through, cursor.last_end - lookback)
+        plan = plan_walk(cursor, newest, CursorRule.of(sync), client.api, end)
+    log_plan(plan, cursor, outcome, client.api)
+    moves_cursor = not (options.repair or options.dry_run)
+    stored = cursor
+    progress = Progress(outcome)
+    walk = Walk(client, outcome.symbol, plan, sync.page_size)
+    with prefetch(walk.batches(), stop, depth=2 * BATCH_PAGES) as prefetched:
+        for batch in batched(prefetched, ctx.stop.is_set):
+            outcome.fetched += len(batch.fills) + len(batch.rejected)
+            if options.dry_run:
+                outcome.inserted += store.count_new(outcome.user_id, batch.fills)
+                outcome.note_rejected(batch.rejected, len(batch.rejected))
+            elif batch.fills or batch.rejected or (moves_cursor and batch.cursor != stored):
+                saved = store.save_batch(
+                    outcome.user_id,
+                    outcome.symbol,
+                    batch,
+                    batch.cursor if moves_cursor else None,
+                    plan.late_before,
+                )
+                outcome.inserted += saved.inserted
+                outcome.late += saved.late
+                outcome.note_rejected(saved.quarantined, saved.rejected)
+                stored = batch.cursor
+            progress.update(batch)
+            if ctx.stop.is_set() and not batch.done:
+                raise Interrupted()
+    if outcome.rejected:
+        outcome.fail(
+            BadData(
+                f"{plural(outcome.rejected, 'fill')} rejected (kept in rejected_fills; the "
+                f"other fills are stored): {outcome.first_rejection}"
             )
-        settle, late_before = end - lookback, cursor.last_end
-    cursor = clamp_to_horizon(cursor, end, client.api, outcome.name)
-    if cursor.walk_end is not None:
+        )
+
+
+def log_plan(plan: WalkPlan, cursor: Cursor | None, outcome: Outcome, api: Api) -> None:
+    """One INFO line for what a walk does beyond the usual: resume, reconcile, horizon."""
+    fields = {"user": outcome.user_id, "symbol": outcome.symbol}
+    if cursor is not None and cursor.walk_end is not None:
         log.info(
             "%s: resuming an interrupted walk over %s .. %s",
             outcome.name,
             format_ms(cursor.synced_through),
             format_ms(cursor.walk_end),
-            extra={"event": "resume", "user": outcome.user_id, "symbol": outcome.symbol},
+            extra={"event": "resume", **fields},
         )
-    moves_cursor = not (options.repair or options.dry_run)
-    stored = cursor
-    progress = Progress(outcome)
-    pages = walk(client, outcome.symbol, cursor, end, settle, sync.page_size)
-    with prefetch(pages, stop, depth=2 * BATCH_PAGES) as prefetched:
-        for batch in batched(prefetched, ctx.stop.is_set):
-            outcome.fetched += len(batch.fills)
-            if options.dry_run:
-                outcome.inserted += store.count_new(outcome.user_id, batch.fills)
-            elif batch.fills or (moves_cursor and batch.cursor != stored):
-                inserted, late = store.save_batch(
-                    outcome.user_id,
-                    outcome.symbol,
-                    batch.fills,
-                    batch.cursor if moves_cursor else None,
-                    late_before,
-                )
-                outcome.inserted += inserted
-                outcome.late += late
-                stored = batch.cursor
-            progress.update(batch)
-            if ctx.stop.is_set() and not batch.done:
-                raise Interrupted()
-
-
-def clamp_to_horizon(cursor: Cursor, end: int, api: Api, name: str) -> Cursor:
-    """The cursor moved up to the exchange's retention horizon (v3: 365 days), with one INFO
-    line: what lies before it cannot be fetched, so asking would only earn an error."""
-    if api.horizon_ms is None:
-        return cursor
-    horizon = end - api.horizon_ms + HORIZON_MARGIN_MS
-    if cursor.synced_through >= horizon:
-        return cursor
-    log.info(
-        "%s: starting at %s, the exchange's %d-day horizon (fills before it are not served)",
-        name,
-        format_ms(horizon),
-        api.horizon_ms // DAY_MS,
-        extra={"event": "horizon"},
-    )
-    owed_beyond = cursor.walk_end is not None and cursor.walk_end < horizon
-    if owed_beyond and cursor.walk_target is not None:  # all it owed is beyond the horizon
-        return Cursor(max(cursor.walk_target, horizon), last_end=cursor.last_end)
-    return replace(cursor, synced_through=horizon)
+    if plan.reconcile_due and plan.ranges:
+        log.info(
+            "%s: reconcile: re-reading from %s (sync.reconcile_window_seconds)",
+            outcome.name,
+            format_ms(plan.ranges[-1][0]),
+            extra={"event": "reconcile", **fields},
+        )
+    if plan.horizon is not None:
+        log.info(
+            "%s: starting at %s, the exchange's %d-day horizon (fills before it are not served)",
+            outcome.name,
+            format_ms(plan.horizon),
+            (api.horizon_ms or 0) // DAY_MS,
+            extra={"event": "horizon", **fields},
+        )
 
 
 def stalest_first(db: DatabaseConfig, users: list[UserConfig]) -> list[UserConfig]:
@@ -2695,7 +3197,8 @@ SELECT pair.user_id, pair.symbol, latest.status, latest.last_sync_time,
        now() - latest.last_sync_time AS age, latest.records_count, latest.fetched_count,
        latest.requests_count, latest.late_count, latest.last_trade_time, latest.error_message,
        success.last_sync_time AS last_success_time,
-       now() - success.last_sync_time AS success_age
+       now() - success.last_sync_time AS success_age,
+       quarantine.rejected_open
   FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS pair(user_id, symbol, n)
   LEFT JOIN LATERAL (
         SELECT * FROM sync_status s
@@ -2705,6 +3208,10 @@ SELECT pair.user_id, pair.symbol, latest.status, latest.last_sync_time,
         SELECT s.last_sync_time FROM sync_status s
          WHERE s.user_id = pair.user_id AND s.symbol = pair.symbol AND s.status = 'success'
          ORDER BY s.last_sync_time DESC LIMIT 1) success ON true
+  LEFT JOIN LATERAL (
+        SELECT count(*) AS rejected_open FROM rejected_fills r
+         WHERE r.user_id = pair.user_id AND r.resolved_at IS NULL
+           AND (pair.symbol = '*' OR r.symbol = pair.symbol)) quarantine ON true
  ORDER BY pair.n
 """
 
@@ -2791,7 +3298,7 @@ def _status_json(row: dict, stale: dict) -> dict:
 
 
 def _status_table(rows: list[dict]) -> str:
-    headers = ["USER", "SYMBOL", "STATUS", "LAST SYNC (UTC)", "AGE", "INSERTED", "LATE"]
+    headers = ["USER", "SYMBOL", "STATUS", "LAST SYNC (UTC)", "AGE", "INSERTED", "LATE", "REJECTED"]
     headers += ["FETCHED", "REQUESTS", "LAST FILL (UTC)", "LAST SUCCESS", "ERROR"]
     table = []
     for r in rows:
@@ -2805,6 +3312,7 @@ def _status_table(rows: list[dict]) -> str:
                 format_age(r["age"]),
                 str(r["records_count"] if synced else "-"),
                 str(r["late_count"] if synced else "-"),
+                str(r["rejected_open"]),
                 str(r["fetched_count"] if synced else "-"),
                 str(r["requests_count"] if synced else "-"),
                 format_ms(r["last_trade_time"]),
@@ -2822,7 +3330,7 @@ def check_credentials(
     client = FillsClient(cfg.weex, user, session, ServerClock(), limiter, Stop())
     end = client.clock.now_ms()
     try:
-        client.get_fills(user.symbols[0], end - 3_600_000, end, 1, None)
+        client.page(user.symbols[0], end - 3_600_000, end, 1)
     except (ExchangeError, Interrupted) as exc:
         return str(exc)
     return None
@@ -2882,6 +3390,14 @@ class Metrics:
         "weex_sync_last_sync_duration_seconds": ("gauge", "Duration of the pair's latest sync."),
         "weex_sync_fills_inserted_total": ("counter", "Fills inserted into trade_fills."),
         "weex_sync_late_fills_total": ("counter", "Inserted fills that became visible late."),
+        "weex_sync_rejected_fills_total": (
+            "counter",
+            "Fills put in the quarantine (rejected_fills), or seen there again.",
+        ),
+        "weex_sync_rejected_fills_open": (
+            "gauge",
+            "Fills of the pair in rejected_fills that are not resolved.",
+        ),
         "weex_sync_requests_total": ("counter", "HTTP requests sent to the exchange."),
         "weex_sync_pair_errors_total": ("counter", "Pair syncs that ended in an error."),
         "weex_sync_passes_total": ("counter", "Passes run."),
@@ -2912,6 +3428,7 @@ class Metrics:
             for name, add in (
                 ("weex_sync_fills_inserted_total", o.inserted),
                 ("weex_sync_late_fills_total", o.late),
+                ("weex_sync_rejected_fills_total", o.quarantined),
                 ("weex_sync_requests_total", o.requests),
                 ("weex_sync_pair_errors_total", o.status == "error"),
             ):
@@ -2943,6 +3460,7 @@ class Metrics:
                 )
             if r["status"] is not None:
                 values["weex_sync_last_sync_success"][labels] = int(r["status"] == "success")
+            values["weex_sync_rejected_fills_open"][labels] = r["rejected_open"]
 
     def _previous_counters(self) -> dict[tuple[str, str], float]:
         try:

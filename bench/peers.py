@@ -141,6 +141,7 @@ def storage(count: str, host: str, port: str, user: str, *dbnames: str) -> dict:
     from weex_sync import (
         ALL_SYMBOLS,
         V3,
+        Batch,
         Cursor,
         DatabaseConfig,
         Store,
@@ -165,7 +166,10 @@ def storage(count: str, host: str, port: str, user: str, *dbnames: str) -> dict:
             for i in range(0, len(fills), 1000):
                 batch = fills[i : i + 1000]
                 cursor = Cursor(0, batch[-1].trade_time, fills[0].trade_time + 1)  # mid-walk
-                rows += store.save_batch("bench", ALL_SYMBOLS, batch, cursor, None)[0]
+                saved = store.save_batch(
+                    "bench", ALL_SYMBOLS, Batch(batch, [], cursor, False), cursor, None
+                )
+                rows += saved.inserted
         else:
             for f in fills:
                 with store.transaction() as cur:  # one INSERT, one COMMIT
