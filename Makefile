@@ -19,7 +19,7 @@ demo: venv
 	$(PY) demo.py
 
 test: venv
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
 
 bench: venv
 	$(PY) -m pip install --quiet -r bench/requirements.txt

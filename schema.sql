@@ -66,6 +66,7 @@ CREATE TABLE IF NOT EXISTS rejected_fills (
     id          bigserial   PRIMARY KEY,
     user_id     text        NOT NULL,
     symbol      text        NOT NULL,    -- the fill's contract if readable, else '*'
+    order_id    text,                    -- if readable
     trade_id    text,                    -- if readable
     trade_time  bigint,                  -- if readable, ms
     reason      text        NOT NULL,
@@ -78,7 +79,7 @@ CREATE TABLE IF NOT EXISTS rejected_fills (
     CONSTRAINT rejected_fills_fill UNIQUE (user_id, fingerprint)
 );
 CREATE INDEX IF NOT EXISTS rejected_fills_open
-    ON rejected_fills (user_id, trade_id) WHERE resolved_at IS NULL;
+    ON rejected_fills (user_id, order_id, trade_id) WHERE resolved_at IS NULL;
 
 -- Upgrades from weex_sync 1.x and 2.x (no-ops on a new database).
 ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS late_count integer NOT NULL DEFAULT 0;

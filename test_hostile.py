@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
+import math
+import os
 import re
 import secrets
 import signal
@@ -109,6 +112,7 @@ class Reply:
     trickle: float | None = None
     stall: bool = False
     drop_after: int | None = None
+    trickle_head: float | None = None  # seconds between the bytes of the status line and headers
 
     def payload(self) -> bytes:
         if isinstance(self.body, bytes):
@@ -196,6 +200,15 @@ class HostileExchange:
 
     def _send(self, handler: BaseHTTPRequestHandler, reply: Reply) -> None:
         body = reply.payload()
+        if reply.trickle_head is not None:
+            head = f"HTTP/1.1 {reply.status} OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            for byte in head:
+                if self.stopping.wait(reply.trickle_head):
+                    break
+                handler.wfile.write(bytes([byte]))
+                handler.wfile.flush()
+            handler.close_connection = True
+            return
         handler.send_response(reply.status)
         headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
         for name, value in {**headers, **reply.headers}.items():
@@ -1209,3 +1222,153 @@ def test_13_a_rescan_waits_for_a_held_pair_then_fails_or_runs(runner, exchange, 
 
     assert stored_ids(db) == {"1", "2", "3"}
     assert db.status()[-1]["status"] == "success"
+
+
+# --- round 3 (issue 18) -------------------------------------------------------------------------
+# 1. the deadline covers connecting, the status line, the headers and the body
+
+
+@pytest.mark.parametrize("endpoint", ["fills", "time"])
+def test_r3_1_trickled_headers_end_a_pass_within_the_retries(runner, exchange, db, endpoint):
+    """An exchange (or proxy) that trickles its status line and headers at 1 byte/s: each
+    attempt ends at timeout_seconds, the pass within timeout x (max_retries + 1) plus seconds."""
+    slow = Reply(body=b"[]", trickle_head=1.0)
+    if endpoint == "fills":
+        exchange.fills = lambda request: slow
+    else:
+        exchange.app = lambda request: slow if request.path in TIME_PATHS else None
+    runner.weex.update(timeout_seconds=2, max_retries=1)
+
+    code, elapsed = timed_run(runner)
+
+    assert elapsed < 2 * 2 + 4, elapsed
+    if endpoint == "fills":
+        assert code == 1
+        row = only_status(db)
+        assert "did not arrive within weex.timeout_seconds" in row["error_message"]
+        assert row["requests_count"] == 2
+    else:  # the pass goes on with this machine's clock
+        assert code == 0, runner.log
+        assert "cannot read the exchange's clock" in runner.log
+
+
+@pytest.mark.parametrize("endpoint", ["fills", "time"])
+def test_r3_1_one_sigterm_stops_a_pass_stuck_on_trickled_headers_within_5_s(
+    runner, exchange, db, endpoint
+):
+    slow = Reply(body=b"[]", trickle_head=1.0)
+    if endpoint == "fills":
+        exchange.fills = lambda request: slow
+    else:
+        exchange.app = lambda request: slow if request.path in TIME_PATHS else None
+    runner.weex.update(timeout_seconds=60, max_retries=5)
+    process = runner.popen("--once")
+    wait_for(lambda: exchange.requests)
+    time.sleep(1.0)
+
+    process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    code, err = finish(process, timeout=20)
+
+    assert time.monotonic() - sent < 5, err
+    assert code == 0, err
+    assert "SIGTERM received" in err
+    clean_lines(err)
+
+
+# 2. the shared budget file: this user's, validated, never a hang, a crash or no budget
+
+
+def test_r3_2_the_default_budget_file_is_private_to_the_user(runner, exchange, db, tmp_path):
+    del runner.weex["rate_limit"]["shared_file"]
+    cache = tmp_path / "cache"
+
+    assert runner.run(env={"XDG_CACHE_HOME": str(cache)}) == 0, runner.log
+
+    path = cache / "weex_sync" / "ratelimit"
+    assert path.is_file() and not path.is_symlink()
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    assert json.loads(path.read_text())  # the request is charged there
+
+
+def ip_key(exchange: HostileExchange) -> str:
+    return "ip " + urlsplit(exchange.base_url).netloc
+
+
+HOSTILE_BUDGETS = {
+    "a window that never ends": lambda key: json.dumps({key: [[1e18, 1e9]]}),
+    "a list, not a mapping": lambda key: json.dumps([[1e18, 1e9]]),
+    "a string": lambda key: json.dumps("x"),
+    "not JSON at all": lambda key: "\x00\xff{{{",
+    "weights of the wrong type": lambda key: json.dumps({key: [[time.time(), "5"], ["x", 5]]}),
+    "an hour ahead (a clock that was)": lambda key: json.dumps({key: [[time.time() + 3600, 10]]}),
+    "NaN and infinity": lambda key: json.dumps(
+        {key: [[math.nan, 5], [math.inf, 5], [1, -math.inf]]}
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_BUDGETS))
+def test_r3_2_any_content_of_the_budget_file_is_discarded_with_one_warning(
+    runner, exchange, db, case
+):
+    path = Path(runner.weex["rate_limit"]["shared_file"])
+    path.write_text(HOSTILE_BUDGETS[case](ip_key(exchange)), encoding="latin-1")
+    path.chmod(0o600)
+    runner.weex["rate_limit"].update(ip_weight=10, window_seconds=1)
+    exchange.fills = lambda request: answer(request, [make_fill(3, 1, START_MS + 10)])
+
+    code, elapsed = timed_run(runner)
+
+    assert code == 0, runner.log
+    assert elapsed < 4, elapsed  # never waits for what the file claims
+    clean_lines(runner.log)
+    warnings = [line for line in runner.log.splitlines() if "WARNING" in line]
+    assert len(warnings) <= 1, warnings
+    assert stored_ids(db) == {"1"}
+
+
+def test_r3_2_a_negative_weight_does_not_switch_the_budget_off(runner, exchange, db):
+    path = Path(runner.weex["rate_limit"]["shared_file"])
+    path.write_text(json.dumps({ip_key(exchange): [[time.time(), -(10**9)]]}))
+    path.chmod(0o600)
+    runner.weex["rate_limit"].update(ip_weight=5, window_seconds=1)  # one request per 1.5 s
+    runner.sync["start_time"] = now_ms() - DAY_MS  # one window
+    fills = [make_fill(3, n, now_ms() - 3_600_000 + n) for n in range(120)]
+    exchange.fills = lambda request: answer(request, fills)
+
+    assert runner.run() == 0, runner.log
+
+    times = [r.at_ms for r in exchange.fills_requests()]
+    assert len(times) >= 3
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= 1000, gaps  # the budget held: one request per window
+    assert "discarded" in line_with(runner.log, "WARNING")
+
+
+@pytest.mark.parametrize(
+    "kind", ["fifo", "symlink", "other user's, world-writable", "other user's"]
+)
+def test_r3_2_a_budget_file_that_is_not_ours_alone_is_refused(runner, exchange, db, tmp_path, kind):
+    path = Path(runner.weex["rate_limit"]["shared_file"])
+    target = tmp_path / "elsewhere"
+    target.write_text("keep me")
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "symlink":
+        path.symlink_to(target)
+    else:
+        path.write_text("{}")
+        os.chown(path, 65534, 65534)  # nobody
+        path.chmod(0o666 if "world" in kind else 0o644)
+    exchange.fills = lambda request: answer(request, [make_fill(3, 1, START_MS + 10)])
+
+    code, elapsed = timed_run(runner)
+
+    assert code == 0, runner.log
+    assert elapsed < 4
+    line = line_with(runner.log, "cannot share the rate budget")
+    assert "this process keeps its own" in line
+    assert target.read_text() == "keep me"
+    assert stored_ids(db) == {"1"}

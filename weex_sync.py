@@ -44,6 +44,8 @@ import queue
 import random
 import re
 import signal
+import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -62,6 +64,8 @@ import psycopg2.errors
 import psycopg2.extensions
 import psycopg2.extras
 import requests
+import urllib3.connection
+import urllib3.connectionpool
 import urllib3.exceptions
 import yaml
 from psycopg2 import sql
@@ -111,9 +115,11 @@ class RateLimitConfig:
     uid_weight: int = 500
     ip_weight: int = 500
     window_seconds: float = 10.0
-    # Every weex_sync process on this machine charges its requests here, so overlapping passes
-    # share one IP budget. Empty: this process keeps its own budget.
-    shared_file: str = str(Path(tempfile.gettempdir()) / "weex_sync.ratelimit")
+    # Every weex_sync process of this user charges its requests here, so overlapping passes
+    # share one IP budget (default_budget_file; see open_budget_file). Empty: this process
+    # keeps its own budget.
+    shared_file: str = ""
+    shared_file_private: bool = True  # the default location: this user's alone
 
 
 @dataclass(frozen=True)
@@ -204,6 +210,13 @@ def v3_symbol(contract: str) -> str:
     return contract.removeprefix("cmt_").upper()
 
 
+def default_budget_file(environ: Mapping[str, str]) -> str:
+    """This user's cache directory: the same for cron, systemd and a shell (unlike
+    XDG_RUNTIME_DIR, which cron does not set)."""
+    cache = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "weex_sync", "ratelimit")
+
+
 def load_config(path: str | None, environ: Mapping[str, str]) -> Config:
     """Read the YAML file (optional when ``path`` is None), expand ``${VAR}``, apply environment
     overrides and validate everything. Raises ConfigError before anything is touched."""
@@ -214,7 +227,7 @@ def load_config(path: str | None, environ: Mapping[str, str]) -> Config:
     weex_raw = _section(raw, "weex")
     return Config(
         database=_database_config(_section(raw, "database")),
-        weex=_weex_config(weex_raw),
+        weex=_weex_config(weex_raw, environ),
         sync=_sync_config(_section(raw, "sync"), weex_raw),
     )
 
@@ -348,7 +361,7 @@ def _database_config(raw: dict) -> DatabaseConfig:
     )
 
 
-def _weex_config(raw: dict) -> WeexConfig:
+def _weex_config(raw: dict, environ: Mapping[str, str]) -> WeexConfig:
     p = "weex"
     keys = {"base_url", "api_version", "api_key", "secret_key", "passphrase", "timeout_seconds"}
     _check_keys(raw, p, keys | {"max_retries", "rate_limit"})
@@ -362,6 +375,11 @@ def _weex_config(raw: dict) -> WeexConfig:
     lp = "weex.rate_limit"
     _check_keys(limits, lp, {"uid_weight", "ip_weight", "window_seconds", "shared_file"})
     defaults = RateLimitConfig()
+    shared_file = _typed(limits, lp, "shared_file", str, default_budget_file(environ))
+    if "\0" in shared_file:
+        raise ConfigError("weex.rate_limit.shared_file: contains a NUL character")
+    if shared_file:
+        shared_file = os.path.abspath(os.path.expanduser(shared_file))
     return WeexConfig(
         base_url=base_url,
         api_version=api_version,
@@ -371,7 +389,8 @@ def _weex_config(raw: dict) -> WeexConfig:
             uid_weight=_ranged(limits, lp, "uid_weight", int, defaults.uid_weight, 5, 10**6),
             ip_weight=_ranged(limits, lp, "ip_weight", int, defaults.ip_weight, 5, 10**7),
             window_seconds=_ranged(limits, lp, "window_seconds", float, 10.0, 0.1, 3600.0),
-            shared_file=_typed(limits, lp, "shared_file", str, defaults.shared_file),
+            shared_file=shared_file,
+            shared_file_private=shared_file == default_budget_file(environ),
         ),
     )
 
@@ -813,6 +832,7 @@ class Rejected(NamedTuple):
     """A fill that failed validation, on its way to the quarantine (rejected_fills)."""
 
     symbol: str  # the fill's contract if readable, else the walk's scope
+    order_id: str | None  # if readable
     trade_id: str | None  # if readable
     trade_time: int | None  # if readable
     reason: str
@@ -917,13 +937,15 @@ def reject(api: Api, obj: Any, scope: str, reason: str, scrub: Scrub) -> Rejecte
     symbol = scope
     if isinstance(obj, dict) and isinstance(obj.get("symbol"), str):
         symbol = contract_symbol(obj["symbol"]) or scope
+    order_id = _readable(_id_field, obj, "orderId")
     trade_id = _readable(_id_field, obj, api.fields.trade_id)
     when = _readable(_time_field, obj, api.fields.time)
-    return Rejected(symbol, trade_id, when, printable(scrub(reason), 500), escaped_raw(obj, scrub))
+    reason = printable(scrub(reason), 500)
+    return Rejected(symbol, order_id, trade_id, when, reason, escaped_raw(obj, scrub))
 
 
 def fill_rejected(fill: Fill, reason: str) -> Rejected:
-    return Rejected(fill.symbol, fill.trade_id, fill.trade_time, reason, fill.raw)
+    return Rejected(fill.symbol, fill.order_id, fill.trade_id, fill.trade_time, reason, fill.raw)
 
 
 def _readable(read: Callable[[dict, str, str], T], obj: Any, name: str) -> T | None:
@@ -1144,6 +1166,138 @@ class Stop:
         return True
 
 
+class Deadline:
+    """One request's deadline: the sockets it uses are shut down when it passes, or when its
+    stop is set (the read timeout alone applies per received chunk, so an exchange trickling
+    its status line, headers or body byte by byte could hold a worker forever)."""
+
+    def __init__(self, seconds: float, stop: Stop | None) -> None:
+        self.at = time.monotonic() + seconds
+        self.stop = stop
+        self.fired: str | None = None  # "deadline" or "stop", once it has fired
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def add(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            fired = self.fired
+        if fired:
+            _shut(sock)
+
+    def check(self, now: float) -> None:
+        reason = "stop" if self.stop is not None and self.stop.is_set() else None
+        if now >= self.at:
+            reason = "deadline"
+        if reason is None or self.fired:
+            return
+        with self._lock:
+            self.fired = reason
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    """Shut a socket down under a thread blocked reading it: the read returns at once. (The
+    base class's shutdown, so a TLS socket's is not half torn down under the reader.)"""
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class Watchdog:
+    """The one thread that fires the deadlines of every request in flight."""
+
+    TICK_SECONDS = 0.05
+
+    def __init__(self) -> None:
+        self._deadlines: set[Deadline] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def watch(self, seconds: float, stop: Stop | None) -> Iterator[Deadline]:
+        """A deadline for what this thread does inside the block."""
+        deadline = Deadline(seconds, stop)
+        with self._lock:
+            self._deadlines.add(deadline)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="weex-watchdog", daemon=True)
+                self._thread.start()
+        self._local.deadline = deadline
+        try:
+            yield deadline
+        finally:
+            self._local.deadline = None
+            with self._lock:
+                self._deadlines.discard(deadline)
+
+    def adopt(self, sock: socket.socket | None) -> None:
+        """The socket this thread's request uses (called by the connection classes below)."""
+        deadline = getattr(self._local, "deadline", None)
+        if deadline is not None and sock is not None:
+            deadline.add(sock)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.TICK_SECONDS)
+            now = time.monotonic()
+            with self._lock:
+                deadlines = list(self._deadlines)
+            for deadline in deadlines:
+                deadline.check(now)
+
+
+WATCHDOG = Watchdog()
+
+
+class _WatchedHTTPConnection(urllib3.connection.HTTPConnection):
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        WATCHDOG.adopt(sock)  # before the TLS handshake and the request
+        return sock
+
+    def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]
+        WATCHDOG.adopt(self.sock)  # a kept-alive connection, reused
+        return super().getresponse()
+
+
+class _WatchedHTTPSConnection(urllib3.connection.HTTPSConnection):
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        WATCHDOG.adopt(sock)
+        return sock
+
+    def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]
+        WATCHDOG.adopt(self.sock)
+        return super().getresponse()
+
+
+class _WatchedHTTPPool(urllib3.connectionpool.HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+class WatchedAdapter(HTTPAdapter):
+    """requests' adapter whose connections report their sockets to the WATCHDOG."""
+
+    POOLS: ClassVar[dict[str, type]] = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = self.POOLS
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if hasattr(manager, "pool_classes_by_scheme"):
+            manager.pool_classes_by_scheme = self.POOLS
+        return manager
+
+
 class _Transient(Exception):
     """An attempt that may succeed if repeated: transport fault, 429, 5xx, busy code, garbage."""
 
@@ -1219,23 +1373,17 @@ class RateLimiter:
         self._lock = threading.Lock()
         self._key_windows: Windows = {}  # per API key, this process only
         self._ip_windows: Windows = {}  # the IP budget when there is no shared file
-        self._fd = self._open(cfg.shared_file) if cfg.shared_file else None
-
-    @staticmethod
-    def _open(path: str) -> int | None:
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(path, flags, 0o666)
-        except OSError as exc:
-            log.warning(
-                "cannot share the rate budget through %s (%s): this process keeps its own",
-                path,
-                exc.strerror,
-            )
-            return None
-        with contextlib.suppress(OSError):  # let the other accounts of this machine use it too
-            os.fchmod(fd, 0o666)
-        return fd
+        self._fd = None
+        self._warned = False
+        if cfg.shared_file:
+            try:
+                self._fd = open_budget_file(cfg.shared_file, private=cfg.shared_file_private)
+            except BudgetFileRefused as exc:
+                log.warning(
+                    "cannot share the rate budget through %s (%s): this process keeps its own",
+                    cfg.shared_file,
+                    exc,
+                )
 
     def acquire(self, api_key: str, weight: int, stop: Stop) -> None:
         """Wait until ``weight`` fits in both windows, then charge it. Interrupted on a stop."""
@@ -1255,6 +1403,28 @@ class RateLimiter:
                 return
             if stop.wait(wait):
                 raise Interrupted()
+
+    LOCK_WAIT_SECONDS = 10.0
+
+    def _lock_file(self, fd: int) -> bool:
+        """flock the budget file; False (this request keeps to this process's own budget, with
+        one WARNING) if another process holds it for LOCK_WAIT_SECONDS: it never hangs."""
+        deadline = time.monotonic() + self.LOCK_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    if not self._warned:
+                        self._warned = True
+                        log.warning(
+                            "the shared rate budget file %s stays locked by another process; "
+                            "this process keeps its own budget meanwhile",
+                            self.cfg.shared_file,
+                        )
+                    return False
+                time.sleep(0.005)
 
     def _admit(
         self, now: float, budgets: Iterable[tuple[Windows, str, int]], weight: int
@@ -1288,21 +1458,119 @@ class RateLimiter:
         if self._fd is None:
             yield self._ip_windows
             return
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        if not self._lock_file(self._fd):
+            yield self._ip_windows
+            return
         try:
-            text = os.pread(self._fd, 1 << 20, 0)
+            text = os.pread(self._fd, BUDGET_FILE_LIMIT + 1, 0)
             try:
-                state = json.loads(text) if text else {}
-            except ValueError:  # torn by a kill mid-write: start the window afresh
+                state = json.loads(text) if text and len(text) <= BUDGET_FILE_LIMIT else {}
+            except (ValueError, RecursionError):  # torn by a kill mid-write: start afresh
                 state = {}
-            if not isinstance(state, dict):
-                state = {}
-            yield state
-            data = json.dumps(state, separators=(",", ":")).encode()
+            windows, discarded = valid_windows(
+                state, time.time(), self.window, self.BUCKET, self.cfg.ip_weight
+            )
+            if discarded and not self._warned:
+                self._warned = True
+                log.warning(
+                    "the shared rate budget file %s held %d entries that are not requests of "
+                    "the last %.0f s (written by another program, or by a clock that was "
+                    "ahead); discarded",
+                    self.cfg.shared_file,
+                    discarded,
+                    self.window,
+                )
+            yield windows
+            data = json.dumps(windows, separators=(",", ":")).encode()
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, data, 0)
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
+BUDGET_FILE_LIMIT = 1 << 20  # bytes; a budget file holds a few hundred entries
+
+
+class BudgetFileRefused(Exception):
+    """The shared budget file cannot be trusted (see open_budget_file)."""
+
+
+def open_budget_file(path: str, private: bool) -> int:
+    """The budget file, opened without following a symlink and checked: a regular file nobody
+    else can write. ``private`` (the default location): in a directory of this user's
+    (created 0700), owned by this user, 0600. A configured path may be shared on purpose by
+    the users of one group: its directory group-owned and setgid (files are created 0660
+    there), never writable by every user without the sticky bit, the file never writable by
+    every user and owned by this user or one of its groups."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        if private:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        where = os.stat(directory)
+    except OSError as exc:
+        raise BudgetFileRefused(f"its directory: {exc.strerror}") from None
+    if where.st_mode & 0o002 and not where.st_mode & stat.S_ISVTX:
+        raise BudgetFileRefused("its directory is writable by every user")
+    if private and (where.st_uid != os.geteuid() or where.st_mode & 0o022):
+        raise BudgetFileRefused("its directory is not this user's alone")
+    mode = 0o660 if not private and where.st_mode & stat.S_ISGID else 0o600
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, mode)
+    except OSError as exc:
+        raise BudgetFileRefused(exc.strerror or str(exc)) from None
+    try:
+        st = os.fstat(fd)
+        groups = {os.getegid(), *os.getgroups()}
+        if not stat.S_ISREG(st.st_mode):
+            raise BudgetFileRefused("not a regular file")
+        if st.st_mode & 0o002:
+            raise BudgetFileRefused("writable by every user")
+        if st.st_uid != os.geteuid() and (
+            private or not (st.st_mode & 0o020 and st.st_gid in groups)
+        ):
+            raise BudgetFileRefused("owned by another user")
+        if private and st.st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+        os.set_blocking(fd, True)
+    except (BudgetFileRefused, OSError) as exc:
+        os.close(fd)
+        if isinstance(exc, OSError):
+            raise BudgetFileRefused(exc.strerror or str(exc)) from None
+        raise
+    return fd
+
+
+def valid_windows(
+    state: Any, now: float, window: float, bucket: float, budget: int
+) -> tuple[Windows, int]:
+    """The entries of a budget file that are requests of the current window: [time, weight]
+    pairs of finite numbers, the time inside the window (at most one bucket ahead: a file left
+    by a clock that was ahead must not stall the next pass), the weight within the budget; and
+    how many others there were (expired entries are not counted)."""
+    windows: Windows = {}
+    discarded = 0
+    if not isinstance(state, dict):
+        return windows, 1
+    for key, entries in state.items():
+        if not isinstance(key, str) or len(key) > 200 or not isinstance(entries, list):
+            discarded += 1
+            continue
+        kept = []
+        for entry in entries:
+            if not (
+                isinstance(entry, list)
+                and len(entry) == 2
+                and all(type(x) in (int, float) and math.isfinite(x) for x in entry)
+                and entry[0] <= now + 2 * bucket
+                and 0 < entry[1] <= budget
+            ):
+                discarded += 1
+            elif entry[0] > now - window:
+                kept.append([float(entry[0]), entry[1]])
+        if kept:
+            windows[key] = sorted(kept)
+    return windows, discarded
 
 
 def _forget_idle(windows: Windows, before: float) -> None:
@@ -1315,7 +1583,7 @@ def make_session(cfg: WeexConfig, pool_size: int = 4) -> requests.Session:
     """Connection pooling and TLS settings only. Retries are FillsClient's (every attempt freshly
     signed and charged to the budget); redirects are never followed (see fetch)."""
     session = requests.Session()
-    adapter = HTTPAdapter(max_retries=0, pool_connections=pool_size, pool_maxsize=pool_size)
+    adapter = WatchedAdapter(max_retries=0, pool_connections=pool_size, pool_maxsize=pool_size)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     session.headers.update({"Content-Type": "application/json", "locale": "en-US"})
@@ -1340,35 +1608,45 @@ def ca_bundle(environ: Mapping[str, str]) -> str | bool:
 
 
 def fetch(
-    session: requests.Session, url: str, headers: Mapping[str, str], timeout: float
+    session: requests.Session,
+    url: str,
+    headers: Mapping[str, str],
+    timeout: float,
+    stop: Stop | None = None,
 ) -> tuple[int, str | None, bytes]:
     """One GET: (status, Retry-After, body). Redirects are not followed (the signed headers
-    would go to another host). The whole answer must arrive within ``timeout`` seconds -- the
-    read timeout alone applies per received chunk, so a body trickled byte by byte would hold
-    a worker for hours -- and decode to at most MAX_BODY_BYTES (a gzip bomb stops there).
-    Transport failures raise _Transient."""
-    deadline = time.monotonic() + timeout
-    try:
-        with session.get(
-            url, headers=headers, timeout=timeout, allow_redirects=False, stream=True
-        ) as response:
-            body = _read_body(response.raw, deadline)
-            return response.status_code, response.headers.get("Retry-After"), body
-    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-        never_sent = _never_sent(exc)
-        raise _Transient(
-            _describe_transport_error(exc, url), sent=not never_sent, unreachable=never_sent
-        ) from None
+    would go to another host). Connecting, the headers and the whole body must arrive within
+    ``timeout`` seconds (the WATCHDOG shuts the socket down when they do not, or at once when
+    ``stop`` is set: Interrupted), and the body decode to at most MAX_BODY_BYTES (a gzip bomb
+    stops there). Transport failures raise _Transient."""
+    with WATCHDOG.watch(timeout, stop) as deadline:
+        try:
+            with session.get(
+                url, headers=headers, timeout=timeout, allow_redirects=False, stream=True
+            ) as response:
+                body = _read_body(response.raw, deadline)
+                return response.status_code, response.headers.get("Retry-After"), body
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            if deadline.fired == "stop":
+                raise Interrupted() from None
+            if deadline.fired == "deadline":
+                raise _Transient("the answer did not arrive within weex.timeout_seconds") from None
+            never_sent = _never_sent(exc)
+            raise _Transient(
+                _describe_transport_error(exc, url), sent=not never_sent, unreachable=never_sent
+            ) from None
 
 
-def _read_body(raw: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
+def _read_body(raw: urllib3.BaseHTTPResponse, deadline: Deadline) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
-        if time.monotonic() > deadline:
+        if deadline.fired or time.monotonic() > deadline.at:
             raise _Transient("the answer did not arrive within weex.timeout_seconds")
         chunk = raw.read1(65536, decode_content=True)
         if not chunk:
+            if deadline.fired:  # the socket was shut down under the read
+                raise _Transient("the answer did not arrive within weex.timeout_seconds")
             return b"".join(chunks)
         size += len(chunk)
         if size > MAX_BODY_BYTES:
@@ -1439,25 +1717,32 @@ class ServerClock:
             )
         return self.now_ms()
 
-    def ensure_measured(self, cfg: WeexConfig, api: Api) -> None:
-        """Measure the offset unless done recently; on failure keep this machine's clock."""
+    def ensure_measured(self, cfg: WeexConfig, api: Api, stop: Stop | None = None) -> None:
+        """Measure the offset unless done recently; on failure keep this machine's clock (and
+        on a stop, return: the pass stops)."""
         with self._lock:
             if self._measured_at and time.monotonic() - self._measured_at < self.REFRESH_SECONDS:
                 return
             self._measured_at = time.monotonic()
         session = make_session(cfg, pool_size=1)
         try:
-            self.resync(session, cfg, api)
+            self.resync(session, cfg, api, stop)
+        except Interrupted:
+            return
         except ExchangeError as exc:
             level = logging.DEBUG if isinstance(exc, ExchangeUnreachable) else logging.WARNING
             log.log(level, "cannot read the exchange's clock (%s): using this machine's", exc)
         finally:
             session.close()
 
-    def resync(self, session: requests.Session, cfg: WeexConfig, api: Api) -> None:
+    def resync(
+        self, session: requests.Session, cfg: WeexConfig, api: Api, stop: Stop | None = None
+    ) -> None:
         sent = time.time() * 1000
         try:
-            status, _, body = fetch(session, cfg.base_url + api.time_path, {}, cfg.timeout_seconds)
+            status, _, body = fetch(
+                session, cfg.base_url + api.time_path, {}, cfg.timeout_seconds, stop
+            )
         except _Transient as exc:
             raise exc.give_up(1) from None
         received = time.time() * 1000
@@ -1645,7 +1930,7 @@ class FillsClient:
                         f"exchange rejects our timestamp even after a clock resync ({exc}): "
                         "enable NTP on this machine"
                     ) from None
-                self.clock.resync(self.session, self.cfg, self.api)
+                self.clock.resync(self.session, self.cfg, self.api, self.stop)
                 clock_resynced = True
             except _Transient as exc:
                 failures += 1
@@ -1681,7 +1966,7 @@ class FillsClient:
         url = f"{self.cfg.base_url}{path}?{query}" if query else self.cfg.base_url + path
         try:
             status, retry_after, content = fetch(
-                self.session, url, headers, self.cfg.timeout_seconds
+                self.session, url, headers, self.cfg.timeout_seconds, self.stop
             )
         except _Transient as exc:
             self.requests_made += exc.sent
@@ -1784,8 +2069,9 @@ def plan_walk(
         resumed = cursor.synced_through
     start = min(resumed, recent)
     window_start = max(now - rule.reconcile_window_ms, rule.start_time)
+    last = cursor.reconciled_at  # one in the future: a clock was ahead, reconcile now
     due = rule.reconcile_every_ms > 0 and (
-        cursor.reconciled_at is None or now - cursor.reconciled_at >= rule.reconcile_every_ms
+        last is None or last > now or now - last >= rule.reconcile_every_ms
     )
     if due:
         start = min(start, window_start)
@@ -1869,11 +2155,9 @@ class Walk:
     or the oldest of the range) nor in which order it lists them. Each full page leaves one of
     its sides unread: the older side if the exchange selects the newest fills, the newer side
     if the oldest. Until the walk knows the selection it reads both. It learns it from what
-    the next request returns: a side that holds a full page of fills beyond the page's edge
-    shows which end that page was taken from (lateness alone cannot fill a page), and the other
-    side is then known to hold nothing new. Once learned, it is checked on every page: the
-    skipped side is read after all when the side read finds nothing beyond the edge, and
-    a contradicting answer makes the walk read both sides again."""
+    the next request returns (see _check), and then reads only the side the selection leaves,
+    checking it on every page: the skipped side is read after all unless the side read proves
+    the selection again, and a contradicting answer makes the walk read both sides again."""
 
     def __init__(self, source: FillSource, scope: str, plan: WalkPlan, page_size: int) -> None:
         self.source = source
@@ -1913,14 +2197,20 @@ class Walk:
                 yield Batch(new, rejected, self._finished(hi, after), after is None)
 
     def _check(self, span: Span, answer: Answer, todo: list[Span]) -> None:
-        """What this answer says of the selection: learn it, confirm it, or unlearn it."""
+        """What this answer says of the selection. A side holding at least half a page of
+        fills beyond the edge of the page it continues shows which end that page was taken
+        from (fills that became visible in between are not that many): such an answer teaches
+        the selection, or confirms it and lets the skipped side go. An answer beyond the
+        other edge unlearns it. Anything else proves nothing: the skipped side is read. (A
+        side queued before the selection was learned is read all the same.)"""
         if span.side is None:
             return
         if span.side is Side.BELOW:
-            beyond = any(t < span.edge for t in answer.times)
+            beyond = sum(t < span.edge for t in answer.times)
         else:
-            beyond = any(t > span.edge for t in answer.times)
+            beyond = sum(t > span.edge for t in answer.times)
         shown = Selection.NEWEST if span.side is Side.BELOW else Selection.OLDEST
+        proof = beyond >= max(1, self.page_size // 2)
         if beyond and self.selects not in (None, shown):
             log.info(
                 "%s/%s: the exchange's pages contradict the selection learned so far; reading "
@@ -1929,13 +2219,12 @@ class Walk:
                 self.scope,
             )
             self.selects = None
-        elif beyond and answer.full and self.selects is None:
+        elif proof and self.selects is None:
             self.selects = shown
             log.debug(
                 "%s/%s: pages hold the %s fills", self.source.user_id, self.scope, shown.value
             )
-            todo[:] = [t for t in todo if t.page != span.page or t.side is span.side]
-        if span.guard is not None and not beyond:
+        if span.guard is not None and not proof:
             todo.append(span.guard)
 
     def _continue(
@@ -2019,19 +2308,20 @@ def served_newest_first(times: list[int]) -> bool | None:
 def resolve_burst(
     source: FillSource, scope: str, ms: int, answer: Answer, page_size: int
 ) -> tuple[list[Fill], list[Rejected]]:
-    """All fills of millisecond ``ms`` when a full page holds nothing else. A page smaller than
-    the API allows asks for that millisecond once with the largest page; if that is full too,
-    it is fetched order by order. v2 says how many there are ('totals') and we check; v3 does
-    not, so an order whose fills there all lie beyond the first page would stay invisible --
-    logged, because the API offers no way to know."""
-    if page_size < MAX_PAGE_SIZE:
+    """All fills of millisecond ``ms`` when a full page holds nothing else. That millisecond
+    is asked for once with the largest page (unless the page was one: v3), and if that is full
+    too, order by order. v2 says how many fills it holds ('totals') and we check: every one
+    must be reachable (valid, or in the quarantine); v3 does not, so an order whose fills
+    there all lie beyond the first page would stay invisible -- logged, because the API offers
+    no way to know."""
+    whole = answer
+    if page_size < MAX_PAGE_SIZE or source.api.has_totals:
         whole = source.page(scope, ms, ms, MAX_PAGE_SIZE)
         if not whole.full:
             return whole.fills, whole.rejected
-        answer = whole
-    found = {f.key: f for f in answer.fills}
-    rejected: list[Rejected] = list(answer.rejected)
-    for order_id in sorted({f.order_id for f in answer.fills}):
+    found = {f.key: f for f in whole.fills}
+    rejected = list(whole.rejected)
+    for order_id in sorted({f.order_id for f in whole.fills}):
         per_order = source.page(scope, ms, ms, MAX_PAGE_SIZE, order_id)
         if per_order.full:
             raise ExchangeError(
@@ -2042,14 +2332,13 @@ def resolve_burst(
         found.update((f.key, f) for f in per_order.fills)
         rejected += per_order.rejected
     if source.api.has_totals:
-        expected = source.page(scope, ms, ms, 1).total
-        if expected is None:
+        if whole.total is None:
             raise ExchangeError("v2 answer without 'totals': the burst cannot be checked")
-        unreadable = {r.fingerprint for r in rejected if r.trade_time == ms}
-        if len(found) + len(unreadable) < expected:
+        reached = len(found) + len({r.fingerprint for r in rejected})
+        if reached < whole.total:
             raise ExchangeError(
-                f"{expected} fills share millisecond {ms} ({format_ms(ms)}) but only "
-                f"{len(found)} are reachable through their orders; the rest cannot be fetched, "
+                f"{whole.total} fills share millisecond {ms} ({format_ms(ms)}) but only "
+                f"{reached} are reachable through their orders; the rest cannot be fetched, "
                 "so the sync of this symbol stops before that millisecond"
             )
     else:
@@ -2220,6 +2509,7 @@ CREATE TABLE IF NOT EXISTS rejected_fills (
     id          bigserial   PRIMARY KEY,
     user_id     text        NOT NULL,
     symbol      text        NOT NULL,    -- the fill's contract if readable, else '*'
+    order_id    text,                    -- if readable
     trade_id    text,                    -- if readable
     trade_time  bigint,                  -- if readable, ms
     reason      text        NOT NULL,
@@ -2232,7 +2522,7 @@ CREATE TABLE IF NOT EXISTS rejected_fills (
     CONSTRAINT rejected_fills_fill UNIQUE (user_id, fingerprint)
 );
 CREATE INDEX IF NOT EXISTS rejected_fills_open
-    ON rejected_fills (user_id, trade_id) WHERE resolved_at IS NULL;
+    ON rejected_fills (user_id, order_id, trade_id) WHERE resolved_at IS NULL;
 
 -- Upgrades from weex_sync 1.x and 2.x (no-ops on a new database).
 ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS late_count integer NOT NULL DEFAULT 0;
@@ -2281,11 +2571,12 @@ WITH batch AS (
                         WHERE stored.user_id = %(user_id)s AND stored.order_id = batch.order_id
                           AND stored.trade_id = batch.trade_id)
     ON CONFLICT DO NOTHING
-    RETURNING trade_id, trade_time
+    RETURNING order_id, trade_id, trade_time
 ), resolved AS (
     UPDATE rejected_fills r SET resolved_at = now()
       FROM inserted
-     WHERE r.user_id = %(user_id)s AND r.trade_id = inserted.trade_id AND r.resolved_at IS NULL
+     WHERE r.user_id = %(user_id)s AND r.order_id = inserted.order_id
+       AND r.trade_id = inserted.trade_id AND r.resolved_at IS NULL
     RETURNING 1
 )
 SELECT count(*), count(*) FILTER (WHERE trade_time <= %(late_before)s),
@@ -2311,13 +2602,15 @@ SELECT batch.n, stored.symbol, stored.side, stored.price, stored.size, stored.fe
 # Rejected fills, once each: a fill seen again counts; it is open until a valid version of it
 # is stored (or someone sets resolved_at). Returns whether each row is still open.
 QUARANTINE_SQL = """
-INSERT INTO rejected_fills (user_id, symbol, trade_id, trade_time, reason, raw, fingerprint)
+INSERT INTO rejected_fills (user_id, symbol, order_id, trade_id, trade_time, reason, raw,
+                            fingerprint)
 SELECT %(user_id)s, *
-  FROM unnest(%(symbol)s::text[], %(trade_id)s::text[], %(trade_time)s::bigint[],
-              %(reason)s::text[], %(raw)s::text[], %(fingerprint)s::text[])
+  FROM unnest(%(symbol)s::text[], %(order_id)s::text[], %(trade_id)s::text[],
+              %(trade_time)s::bigint[], %(reason)s::text[], %(raw)s::text[],
+              %(fingerprint)s::text[])
 ON CONFLICT (user_id, fingerprint) DO UPDATE
    SET last_seen = now(), seen_count = rejected_fills.seen_count + 1, reason = EXCLUDED.reason
-RETURNING resolved_at IS NULL
+RETURNING id
 """
 SAVE_CURSOR_SQL = """
 INSERT INTO sync_cursor (user_id, symbol, synced_through, walk_end, walk_target, last_end,
@@ -2441,6 +2734,15 @@ def schema_version(conn: Conn) -> int:
         return one_row(cur)[0]
 
 
+USER_LOCK_CLASS = 0x7778  # pg_advisory_xact_lock(class, key): one writer per user's fills
+
+
+def _key32(text: str) -> int:
+    return int.from_bytes(
+        hashlib.blake2b(text.encode(), digest_size=4).digest(), "big", signed=True
+    )
+
+
 def lock_key(user_id: str, symbol: str) -> int:
     """A stable signed 64-bit advisory-lock key for one (user, symbol)."""
     digest = hashlib.blake2b(f"weex_sync\0{user_id}\0{symbol}".encode(), digest_size=8).digest()
@@ -2520,6 +2822,7 @@ def _distinct_rejected(rejected: list[Rejected]) -> list[Rejected]:
 def _rejected_columns(rejected: list[Rejected]) -> dict[str, list]:
     return {
         "symbol": [r.symbol for r in rejected],
+        "order_id": [r.order_id for r in rejected],
         "trade_id": [r.trade_id for r in rejected],
         "trade_time": [r.trade_time for r in rejected],
         "reason": [r.reason for r in rejected],
@@ -2596,18 +2899,20 @@ class Store:
         (a fill whose (order, trade) is stored with other contents or another time: the
         stored row is kept), and move the cursor (unless None), in one transaction."""
         fills, versions = _one_version(batch.fills)
-        corrections: list[Rejected] = []
+        rejected = list(batch.rejected)
         inserted = late = 0
         with self.transaction() as cur:
+            # One writer of a user's fills at a time: the pair locks are per (user, symbol),
+            # and a re-scan of one contract may run beside the user's all-contracts walk.
+            cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (USER_LOCK_CLASS, _key32(user_id)))
             if versions:  # compared with the stored fill if there is one, else all rejected
                 stored = self._stored_keys(cur, user_id, list(versions))
                 for key, served in versions.items():
                     if key in stored:
                         fills += served
                     else:
-                        corrections += [
-                            fill_rejected(f, _versions_reason(f, served)) for f in served
-                        ]
+                        rejected += [fill_rejected(f, _versions_reason(f, served)) for f in served]
+            ids = self._quarantine(cur, user_id, rejected)  # first: a valid version below resolves
             if fills:
                 columns = _columns(fills)
                 cur.execute(
@@ -2619,12 +2924,16 @@ class Store:
                         CORRECTIONS_SQL,
                         {**columns, "user_id": user_id, "n": list(range(len(fills)))},
                     )
-                    corrections += [_correction(fills[row[0]], row[1:]) for row in cur.fetchall()]
-            rejected = _distinct_rejected(batch.rejected + corrections)
+                    corrections = [_correction(fills[row[0]], row[1:]) for row in cur.fetchall()]
+                    ids += self._quarantine(cur, user_id, corrections)
+                    rejected += corrections
             still_open = 0
-            if rejected:
-                cur.execute(QUARANTINE_SQL, {**_rejected_columns(rejected), "user_id": user_id})
-                still_open = sum(bool(row[0]) for row in cur.fetchall())
+            if ids:
+                cur.execute(
+                    "SELECT count(*) FROM rejected_fills WHERE id = ANY(%s) AND resolved_at IS NULL",
+                    (ids,),
+                )
+                still_open = one_row(cur)[0]
             if cursor is not None:
                 cur.execute(
                     SAVE_CURSOR_SQL,
@@ -2638,7 +2947,19 @@ class Store:
                         cursor.reconciled_at,
                     ),
                 )
+        rejected = _distinct_rejected(rejected)
         return Saved(inserted, late, still_open, rejected)
+
+    @staticmethod
+    def _quarantine(
+        cur: psycopg2.extensions.cursor, user_id: str, rejected: list[Rejected]
+    ) -> list[int]:
+        """Put fills in rejected_fills (once each); their rows' ids."""
+        if not rejected:
+            return []
+        columns = _rejected_columns(_distinct_rejected(rejected))
+        cur.execute(QUARANTINE_SQL, {**columns, "user_id": user_id})
+        return [row[0] for row in cur.fetchall()]
 
     @staticmethod
     def _stored_keys(
@@ -3104,7 +3425,9 @@ class SyncPass:
 
     def run(self, users: list[UserConfig]) -> list[Outcome]:
         started = time.monotonic()
-        self.ctx.clock.ensure_measured(self.cfg.weex, APIS[self.cfg.weex.api_version])
+        self.ctx.clock.ensure_measured(
+            self.cfg.weex, APIS[self.cfg.weex.api_version], self.ctx.stop
+        )
         users = stalest_first(self.cfg.database, users)
         log_pass_start(self.ctx, users)
         try:
