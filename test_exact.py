@@ -254,3 +254,48 @@ def test_v2_served_oldest_first_is_walked_exactly(harness: Harness, db: Database
 
     assert harness.run() == 0, harness.log
     assert stored_fills(db) == expected_fills("user1", sim.fills(account.api_key, BTC, version=2))
+
+
+def _store(pg: dict, db: Database) -> weex_sync.Store:
+    return weex_sync.Store(
+        weex_sync.DatabaseConfig(
+            pg["host"], pg["port"], pg["user"], pg["password"], db.name, "disable"
+        )
+    )
+
+
+def _fill(trade_id: str, order_id: str, ms: int, **changes) -> weex_sync.Fill:
+    obj = {
+        "id": trade_id,
+        "orderId": order_id,
+        "symbol": "BTCUSDT",
+        "side": "BUY",
+        "price": "100",
+        "qty": "0.5",
+        "commission": "0.01",
+        "commissionAsset": "USDT",
+        "time": ms,
+        **changes,
+    }
+    return weex_sync.parse_fill(weex_sync.V3, obj, weex_sync.ALL_SYMBOLS)
+
+
+def test_a_quarantine_row_is_resolved_by_its_own_fill_only(pg, db: Database):
+    """Resolved by a valid version of the same (order, trade), in the same batch too; another
+    order's fill with the same trade id leaves it open."""
+    store = _store(pg, db)
+    bad = weex_sync.fill_rejected(_fill("5", "111", START_MS), "qty is not positive")
+    cursor = weex_sync.Cursor(START_MS)
+    store.save_batch("u", "*", weex_sync.Batch([], [bad], cursor, False), cursor, None)
+    other = _fill("5", "222", START_MS + 1)
+    store.save_batch("u", "*", weex_sync.Batch([other], [], cursor, False), cursor, None)
+    assert db.rows("SELECT order_id, resolved_at IS NULL FROM rejected_fills") == [("111", True)]
+
+    bad2 = weex_sync.Rejected(BTC, "333", "6", START_MS, "qty is not positive", '{"qty": "-1"}')
+    good2 = _fill("6", "333", START_MS)
+    saved = store.save_batch(
+        "u", "*", weex_sync.Batch([good2], [bad2], cursor, False), cursor, None
+    )
+    assert saved.rejected == 0  # resolved by the valid version stored in the same batch
+    assert db.scalar("SELECT resolved_at IS NOT NULL FROM rejected_fills WHERE order_id = '333'")
+    store.close()

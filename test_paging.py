@@ -657,3 +657,17 @@ def test_a_full_page_without_a_readable_time_stops_the_walk_where_it_is():
     with pytest.raises(weex_sync.ExchangeError, match="no fill with a readable time"):
         sync(exchange, store, T0 + DAY, page_size=10)
     assert store.cursor is None or store.cursor.synced_through <= T0
+
+
+@pytest.mark.parametrize("kind", ["no time", "not an object", "misdated", "bad id"])
+def test_a_bad_fill_in_a_v2_burst_is_counted_against_totals(kind):
+    """150 fills of 2 orders in one millisecond and a bad fill served there: the burst is
+    complete (the bad one quarantined), not 'N fills share a millisecond but only N-1 ...'."""
+    ms = T0 + DAY
+    history = [fill(i, ms, order=900_000 + i % 2) for i in range(150)] + [bad_fill(500, ms, kind)]
+    for selects in ("newest", "oldest"):
+        history[-1]["_n"] = 10**9 if selects == "newest" else -1  # in the first page of that ms
+        exchange = FakeExchange(V2, history, selects)
+        store = MemoryStore()
+        sync(exchange, store, T0 + 2 * DAY)
+        assert store.ids() == valid_ids(history) and len(store.rejected) == 1
