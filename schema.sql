@@ -35,7 +35,11 @@ CREATE TABLE IF NOT EXISTS sync_status (
     error_message   text,
     late_count      integer     NOT NULL DEFAULT 0, -- of records_count: fills that became
                                                     -- visible after a walk had read their time
-    rejected_count  integer     NOT NULL DEFAULT 0  -- fills put in rejected_fills this pass
+    rejected_count  integer     NOT NULL DEFAULT 0, -- fills put in rejected_fills this pass
+    synced_through  bigint,                 -- every fill up to here is stored (ms): the
+                                            -- cursor's last walk end minus the lookback
+    error_kind      text                    -- credentials, access, symbol, rejected_fills,
+                                            -- exchange, unreachable, rate_limit, database, ...
 );
 CREATE INDEX IF NOT EXISTS sync_status_last_sync_time ON sync_status (last_sync_time DESC);
 CREATE INDEX IF NOT EXISTS sync_status_user_symbol
@@ -84,6 +88,8 @@ CREATE INDEX IF NOT EXISTS rejected_fills_open
 -- Upgrades from weex_sync 1.x and 2.x (no-ops on a new database).
 ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS late_count integer NOT NULL DEFAULT 0;
 ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS rejected_count integer NOT NULL DEFAULT 0;
+ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS synced_through bigint;
+ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS error_kind text;
 ALTER TABLE sync_cursor ADD COLUMN IF NOT EXISTS last_end bigint;
 ALTER TABLE sync_cursor ADD COLUMN IF NOT EXISTS reconciled_at bigint;
 

@@ -180,28 +180,42 @@ def test_check_prints_a_credential_problem_in_full(harness: Harness, db: Databas
 
 
 def test_status_max_age_is_a_healthcheck(harness: Harness, db: Database, sim):
-    accounts = harness.fleet(2, fills=30, symbols=(BTC,))
+    accounts = harness.fleet(3, fills=30, symbols=(BTC,))
     assert harness.run() == 0
     assert harness.run("--status", "--max-age", "10m") == 0
-    assert harness.out.strip() == "OK: all 2 pairs synced successfully within 600s"
+    assert harness.out.strip() == "OK: all 3 pairs synced through less than 600 s ago"
 
+    # user2: its cursor two hours behind (a pass that has not run since); user3: credentials
+    # now rejected, however recent its last success; user4: never synced
     db.rows(
-        "UPDATE sync_status SET last_sync_time = now() - interval '2 hours' WHERE user_id = 'user2'"
+        "UPDATE sync_cursor SET last_end = last_end - 7200000,"
+        " synced_through = synced_through - 7200000 WHERE user_id = 'user2'"
     )
-    accounts[1].secret_key = "wrong"
-    harness.accounts.append(make_account(sim, 3))
-    harness.run("--user", "user2")  # fails: user2's last success stays 2 hours old
+    accounts[2].secret_key = "wrong"
+    harness.accounts.append(make_account(sim, 4))
+    harness.run("--user", "user3")
 
     assert harness.run("--status", "--max-age", "10m") == 1
     lines = harness.out.strip().splitlines()
-    assert len(lines) == 2
-    assert lines[0].startswith("STALE user2/cmt_btcusdt: last success 2h ago; latest pass failed: ")
-    assert "credentials rejected" in lines[0]
-    assert lines[1] == "STALE user3/cmt_btcusdt: never synced successfully"
+    assert len(lines) == 3
+    assert lines[0].startswith(
+        "FAILING user3/cmt_btcusdt: latest pass failed: credentials rejected"
+    )
+    assert re.fullmatch(
+        r"STALE user2/cmt_btcusdt: synced through \S+Z, 73\d\d s ago \(limit 600 s\)", lines[1]
+    ), lines[1]
+    assert lines[2] == "STALE user4/cmt_btcusdt: never synced"
 
     assert harness.run("--status", "--max-age", "10m", "--json") == 1
-    stale = {row["user_id"]: row["stale"] for row in yaml.safe_load(harness.out)}
-    assert stale == {"user1": False, "user2": True, "user3": True}
+    rows = {row["user_id"]: row for row in yaml.safe_load(harness.out)}
+    assert {u: r["stale"] for u, r in rows.items()} == {
+        "user1": False,
+        "user2": True,
+        "user3": True,
+        "user4": True,
+    }
+    assert [u for u, r in rows.items() if r["failing"]] == ["user3"]
+    assert 7200 < rows["user2"]["behind_seconds"] < 7400
     assert harness.run("--status", "--max-age", "soon") == 2
 
 

@@ -1372,3 +1372,157 @@ def test_r3_2_a_budget_file_that_is_not_ours_alone_is_refused(runner, exchange, 
     assert "this process keeps its own" in line
     assert target.read_text() == "keep me"
     assert stored_ids(db) == {"1"}
+
+
+# 3. a secret is scrubbed in every form it can take on its way out
+
+
+def escaped_account(user_id: str) -> Account:
+    """Secrets with a backslash and a quote (and a control character in the secret key): once
+    an exchange echoes them, repr() and JSON encoding spell them differently."""
+    tag = secrets.token_hex(6)
+    return Account(
+        user_id,
+        api_key=f"key-{user_id}-{secrets.token_hex(4)}",
+        secret_key=f'SEC\\ret"\x01{tag}s',
+        passphrase=f'PA\\ss"{tag}p',
+    )
+
+
+ECHOES = {
+    "msg as text": lambda r, u: error_reply(r, SYMBOL_CODE, f"bad {u.passphrase} {u.secret_key}"),
+    "msg as an object": lambda r, u: error_reply(
+        r, SYMBOL_CODE, {"echo": [u.passphrase, u.secret_key]}
+    ),  # type: ignore[arg-type]
+    "code": lambda r, u: Reply(400, {"code": u.passphrase, "msg": u.secret_key}),
+    "a fill's field": lambda r, u: answer(
+        r,
+        [],
+        always=[make_fill(r.version, 1, START_MS + 10, side=u.passphrase, orderId=u.secret_key)],
+    ),
+}
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_r3_3_an_escaped_secret_never_reaches_a_log_a_table_or_the_metrics(
+    runner, exchange, db, tmp_path, log_format
+):
+    runner.users = [escaped_account(f"user{n}") for n in range(1, len(ECHOES) + 1)]
+    echo_of = {u.api_key: (echo, u) for u, echo in zip(runner.users, ECHOES.values(), strict=True)}
+    exchange.fills = lambda request: echo_of[request.key][0](request, echo_of[request.key][1])
+    metrics = tmp_path / "weex_sync.prom"
+
+    assert (
+        runner.run(
+            "--log-format", log_format, "--log-level", "DEBUG", "--metrics-file", str(metrics)
+        )
+        == 1
+    )
+    seen = runner.log
+    assert runner.run("--status", "--json") == 0
+    seen += runner.out + repr(db.status()) + repr(db.rows("SELECT * FROM rejected_fills"))
+    seen += metrics.read_text()
+
+    assert db.scalar("SELECT count(*) FROM rejected_fills") == 1  # the fill's echo is stored
+    for user in runner.users:
+        tag = user.passphrase[-13:-1]  # the random part both secrets share
+        assert tag not in seen, (user.user_id, [line for line in seen.splitlines() if tag in line])
+
+
+# 5. freshness that tells the truth
+
+
+def test_r3_5_a_stale_exchange_clock_shows_as_stale_and_in_every_pass_summary(
+    runner, exchange, db, tmp_path
+):
+    """The time endpoint an hour behind, the fills endpoint fine: the walk ends an hour ago,
+    so the pair is synced through an hour ago, and --max-age says so."""
+
+    def app(request: Request) -> Reply | None:
+        if request.path in TIME_PATHS:
+            return Reply(body={"serverTime": now_ms() - 3_600_000})
+        return None
+
+    exchange.app = app
+    now = now_ms()
+    exchange.fills = lambda request: answer(request, [make_fill(3, 1, now - 60_000)])
+    metrics = tmp_path / "weex_sync.prom"
+
+    assert runner.run("--metrics-file", str(metrics)) == 0
+    warning = line_with(runner.log, "the exchange's clock is")
+    assert "-3600." in warning and "WARNING" in warning
+    assert runner.run("--status", "--max-age", "5m") == 1
+    assert re.fullmatch(
+        r"STALE user1/cmt_btcusdt: synced through \S+, 3[67]\d\d s ago \(limit 300 s\)",
+        runner.out.strip(),
+    ), runner.out
+    offset = re.search(r"^weex_sync_clock_offset_seconds (\S+)$", metrics.read_text(), re.MULTILINE)
+    assert offset and abs(float(offset[1]) + 3600) < 5
+    assert db.status()[-1]["synced_through"] < now - 3_600_000
+
+
+# 6. smaller ones
+
+
+def test_r3_6_a_nul_in_the_database_password_is_exit_2_in_one_line(runner, exchange):
+    runner.database["password"] = "pass\x00word"
+
+    assert runner.run() == 2
+
+    line = line_with(runner.log, "configuration error")
+    assert "database.password: contains a NUL character" in line
+    assert "Traceback" not in runner.log and exchange.requests == []
+
+
+def test_r3_6_fills_in_the_first_seconds_of_the_horizon_are_stored(runner, exchange, db):
+    """The walk starts 1 s inside v3's 365-day horizon (2.0: 60 s, and the fills of those 60 s
+    were never stored); an exchange refusing that start (-1170) is asked again 5 s inside."""
+    horizon = weex_sync.V3.horizon_ms
+    runner.sync["start_time"] = 0
+    edge = now_ms() - horizon
+    fills = [make_fill(3, 1, edge + 30_000), make_fill(3, 2, edge + 8 * DAY_MS)]
+    strict = []
+
+    def fills_of(request: Request) -> Reply:
+        if strict and int(request.params["startTime"]) < now_ms() - horizon + 2_000:
+            return Reply(400, {"code": -1170, "msg": "startTime too old"})
+        return answer(request, fills)
+
+    exchange.fills = fills_of
+    assert runner.run() == 0, runner.log
+    assert stored_ids(db) == {"1", "2"}
+
+    db.rows("TRUNCATE trade_fills, sync_cursor")
+    strict.append(True)
+    assert runner.run() == 0, runner.log
+    assert stored_ids(db) == {"1", "2"}
+
+
+@pytest.mark.parametrize("form", ["${A:-x}", "${A-x}", "${A", "${}", "${1A}"])
+def test_r3_6_an_unsupported_dollar_brace_form_is_exit_2(runner, exchange, form):
+    runner.database["password"] = f"pw{form}"
+
+    assert runner.run(env={"A": "value"}) == 2
+
+    line = line_with(runner.log, "configuration error")
+    assert "database.password: only ${NAME} is replaced" in line
+    assert exchange.requests == []
+
+
+def test_r3_6_a_literal_dollar_brace_is_written_twice(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "database": {"password": "a$${b}"},
+                "weex": {"api_key": "k", "secret_key": "s", "passphrase": "p"},
+            }
+        )
+    )
+    assert weex_sync.load_config(str(path), {}).database.password == "a${b}"
+
+
+def test_r3_6_the_loop_counts_passes_in_english():
+    assert weex_sync.plural(22, "pass") == "22 passes"
+    assert weex_sync.plural(1, "pass") == "1 pass"
+    assert weex_sync.plural(2, "user") == "2 users"

@@ -173,7 +173,9 @@ CONTRACT_RE = re.compile(r"cmt_[a-z0-9]{1,40}(usdt|usdc)")
 V3_SYMBOL_RE = re.compile(r"[A-Za-z0-9]{1,40}(USDT|USDC|usdt|usdc)")
 USER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 HEADER_VALUE_RE = re.compile(r"[\x21-\x7e]{1,256}")  # sent as an HTTP header: printable ASCII
-ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# ${NAME} is replaced by the variable; $${ stays a literal ${; any other ${ is an error (a
+# shell's ${A:-x} taken literally would be a silent surprise).
+ENV_REF_RE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$\{")
 MS_RE = re.compile(r"[0-9]{1,15}")
 DB_ENV = {
     "host": ("DB_HOST", "POSTGRES_HOST"),
@@ -232,12 +234,17 @@ def load_config(path: str | None, environ: Mapping[str, str]) -> Config:
     )
 
 
+# libyaml's parser when PyYAML has it (its wheels do): 8,000 users load in a fraction of a
+# second instead of several seconds. Same safe types either way.
+SAFE_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _read_yaml(path: str | None) -> dict:
     if path is None:
         return {}
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            data = yaml.load(fh, Loader=SAFE_YAML_LOADER)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
     except yaml.YAMLError as exc:
@@ -262,7 +269,14 @@ def _expand_env_refs(value: Any, path: str, environ: Mapping[str, str]) -> Any:
     if isinstance(value, str):
 
         def lookup(match: re.Match) -> str:
+            if match.group(0) == "$${":
+                return "${"
             name = match.group(1)
+            if name is None:
+                raise ConfigError(
+                    f"{path}: only ${{NAME}} is replaced by an environment variable (write $${{ "
+                    "for a literal ${)"
+                )
             if name not in environ:
                 raise ConfigError(f"{path}: environment variable {name} is not set")
             return environ[name]
@@ -348,6 +362,9 @@ def _ranged(raw: dict, path: str, key: str, kind: type, default: Any, low: Any, 
 def _database_config(raw: dict) -> DatabaseConfig:
     p = "database"
     _check_keys(raw, p, {"host", "port", "user", "password", "dbname", "sslmode"})
+    for key in ("host", "user", "password", "dbname"):
+        if isinstance(raw.get(key), str) and "\0" in raw[key]:
+            raise ConfigError(f"database.{key}: contains a NUL character")
     sslmode = _typed(raw, p, "sslmode", str, DatabaseConfig.sslmode)
     if sslmode not in SSL_MODES:
         raise ConfigError(f"database.sslmode: must be one of {', '.join(SSL_MODES)}")
@@ -479,6 +496,7 @@ def _users(value: Any, symbols: tuple[str, ...]) -> tuple[UserConfig, ...]:
     if not isinstance(value, list) or not value:
         raise ConfigError("sync.users: expected a non-empty list of users")
     users: list[UserConfig] = []
+    seen: set[str] = set()
     for i, item in enumerate(value):
         p = f"sync.users[{i}]"
         if not isinstance(item, dict):
@@ -489,8 +507,9 @@ def _users(value: Any, symbols: tuple[str, ...]) -> tuple[UserConfig, ...]:
         user_id = _typed(item, p, "user_id", str)
         if not USER_ID_RE.fullmatch(user_id):
             raise ConfigError(f"{p}.user_id: must be 1-64 letters, digits or _.@- characters")
-        if any(u.user_id == user_id for u in users):
+        if user_id in seen:
             raise ConfigError(f"{p}.user_id: duplicate user_id {user_id}")
+        seen.add(user_id)
         user_symbols = _symbols(item["symbols"], f"{p}.symbols") if "symbols" in item else symbols
         users.append(
             UserConfig(
@@ -556,37 +575,54 @@ def parse_age(text: str, name: str) -> int:
 
 class SyncError(Exception):
     """Why a (user, symbol) pair failed. The message is one line, safe to log and to store.
-    ``user_wide`` errors fail every pair of the user (without more requests)."""
+    ``user_wide`` errors fail every pair of the user (without more requests). ``kind`` goes to
+    sync_status.error_kind; the PERSISTENT kinds do not go away by themselves (--max-age says
+    FAILING at once)."""
 
     user_wide = False
+    kind = "internal"
 
 
 class ExchangeError(SyncError):
     """The exchange gave no usable answer, after the retries the error allowed."""
+
+    kind = "exchange"
 
 
 class CredentialsError(ExchangeError):
     """api_key, secret_key or passphrase rejected."""
 
     user_wide = True
+    kind = "credentials"
 
 
 class AccessDenied(ExchangeError):
     """The key is valid but not allowed: IP not whitelisted, permission missing, account locked."""
 
     user_wide = True
+    kind = "access"
 
 
 class SymbolRejected(ExchangeError):
     """The exchange rejects the request for this symbol (unknown contract, bad parameter)."""
 
+    kind = "symbol"
+
+
+class RangeRejected(SymbolRejected):
+    """The exchange refuses the request's time range (v3: -1170/-1171)."""
+
 
 class RateLimited(ExchangeError):
     """Still HTTP 429 after every retry."""
 
+    kind = "rate_limit"
+
 
 class ExchangeUnreachable(ExchangeError):
     """No connection to the exchange host at all; the pairs still waiting fail fast with it."""
+
+    kind = "unreachable"
 
 
 class MalformedAnswer(ExchangeError):
@@ -597,9 +633,16 @@ class MalformedAnswer(ExchangeError):
 class BadData(SyncError):
     """The exchange sent fills that cannot be stored faithfully (they are quarantined)."""
 
+    kind = "rejected_fills"
+
 
 class DatabaseError(SyncError):
     """PostgreSQL failed (or went away); the next pass resumes from the last commit."""
+
+    kind = "database"
+
+
+PERSISTENT_ERRORS = frozenset({"credentials", "access", "symbol", "rejected_fills"})
 
 
 class Interrupted(Exception):
@@ -1136,6 +1179,7 @@ V2_SUCCESS_CODES = {None, "0", "00000", "200"}
 MAX_BODY_BYTES = 8 * 2**20  # a page of fills is tens of KB; anything near this is not one
 RETRY_AFTER_CAP_SECONDS = 60.0
 MAX_CLOCK_OFFSET_MS = 7 * DAY_MS
+HORIZON_RETRY_MS = 5_000  # a start refused at the horizon's edge is asked again this far inside
 BACKOFF_CAP_SECONDS = 30.0
 
 
@@ -1835,7 +1879,12 @@ def classify_response(
         )
     if kind == "symbol":
         raise SymbolRejected(f"symbol rejected ({detail}): check sync.symbols; not retried")
-    if kind in ("parameter", "range") or (kind is None and status == 400):
+    if kind == "range":
+        raise RangeRejected(
+            f"time range rejected ({detail}): if it lies inside the exchange's horizon this is a "
+            "bug in weex_sync, please report it; not retried"
+        )
+    if kind == "parameter" or (kind is None and status == 400):
         raise SymbolRejected(
             f"request rejected ({detail}): if the symbol is right this is a bug in weex_sync, "
             "please report it; not retried"
@@ -1900,7 +1949,21 @@ class FillsClient:
     def page(
         self, scope: str, start: int, end: int, limit: int, order_id: str | None = None
     ) -> Answer:
-        """One answer of the fills endpoint for ``scope`` (a contract, or ALL_SYMBOLS)."""
+        """One answer of the fills endpoint for ``scope`` (a contract, or ALL_SYMBOLS). A
+        start the exchange finds past its horizon (the request left a moment after the walk
+        was planned at its edge) is asked again from HORIZON_RETRY_MS inside it: what lies
+        before is no longer served."""
+        try:
+            return self._page(scope, start, end, limit, order_id)
+        except RangeRejected:
+            horizon = self.api.horizon_ms
+            if horizon is None or start > self.clock.now_ms() - horizon + HORIZON_RETRY_MS:
+                raise
+            edge = self.clock.now_ms() - horizon + HORIZON_RETRY_MS
+            log.debug("%s: start %s is past the horizon; asking from %s", self.user_id, start, edge)
+            return self._page(scope, min(edge, end), end, limit, order_id)
+
+    def _page(self, scope: str, start: int, end: int, limit: int, order_id: str | None) -> Answer:
         symbol = None
         if scope != ALL_SYMBOLS:
             symbol = v3_symbol(scope) if self.api.version == 3 else scope
@@ -2032,7 +2095,7 @@ class WalkPlan(NamedTuple):
     horizon: int | None  # the exchange's horizon moved the start up to here
 
 
-HORIZON_MARGIN_MS = 60_000  # stay this far inside the exchange's horizon (clock skew, latency)
+HORIZON_MARGIN_MS = 1_000  # a walk starts this far inside the exchange's horizon (latency)
 
 
 def plan_walk(
@@ -2478,7 +2541,11 @@ CREATE TABLE IF NOT EXISTS sync_status (
     error_message   text,
     late_count      integer     NOT NULL DEFAULT 0, -- of records_count: fills that became
                                                     -- visible after a walk had read their time
-    rejected_count  integer     NOT NULL DEFAULT 0  -- fills put in rejected_fills this pass
+    rejected_count  integer     NOT NULL DEFAULT 0, -- fills put in rejected_fills this pass
+    synced_through  bigint,                 -- every fill up to here is stored (ms): the
+                                            -- cursor's last walk end minus the lookback
+    error_kind      text                    -- credentials, access, symbol, rejected_fills,
+                                            -- exchange, unreachable, rate_limit, database, ...
 );
 CREATE INDEX IF NOT EXISTS sync_status_last_sync_time ON sync_status (last_sync_time DESC);
 CREATE INDEX IF NOT EXISTS sync_status_user_symbol
@@ -2527,6 +2594,8 @@ CREATE INDEX IF NOT EXISTS rejected_fills_open
 -- Upgrades from weex_sync 1.x and 2.x (no-ops on a new database).
 ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS late_count integer NOT NULL DEFAULT 0;
 ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS rejected_count integer NOT NULL DEFAULT 0;
+ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS synced_through bigint;
+ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS error_kind text;
 ALTER TABLE sync_cursor ADD COLUMN IF NOT EXISTS last_end bigint;
 ALTER TABLE sync_cursor ADD COLUMN IF NOT EXISTS reconciled_at bigint;
 
@@ -2638,13 +2707,19 @@ SELECT max(newest) FROM (
      WHERE contracts.symbol IS NOT NULL AND (%(symbol)s = '*' OR contracts.symbol = %(symbol)s)
 ) per_contract
 """
-INSERT_STATUS_SQL = """
+# Up to where a pair is known complete, from its cursor ``c``: before an owed range, else
+# the last walk's end minus the lookback (fills after it may still become visible).
+SYNCED_THROUGH_SQL = """CASE WHEN c.walk_end IS NOT NULL OR c.last_end IS NULL THEN c.synced_through
+            ELSE least(c.synced_through, c.last_end - %(lookback_ms)s) END"""
+INSERT_STATUS_SQL = f"""
 INSERT INTO sync_status (pass_id, user_id, symbol, last_trade_time, records_count,
                          fetched_count, requests_count, duration_ms, status, error_message,
-                         late_count, rejected_count)
+                         late_count, rejected_count, synced_through, error_kind)
 VALUES (%(pass_id)s, %(user_id)s, %(symbol)s, %(last_trade_time)s, %(inserted)s,
         %(fetched)s, %(requests)s, %(duration_ms)s, %(status)s, %(error)s, %(late)s,
-        %(rejected)s)
+        %(rejected)s,
+        (SELECT {SYNCED_THROUGH_SQL} FROM sync_cursor c
+          WHERE c.user_id = %(user_id)s AND c.symbol = %(symbol)s), %(error_kind)s)
 """
 
 
@@ -2995,10 +3070,14 @@ class Store:
             cur.execute(NEWEST_FILL_SQL, {"user_id": user_id, "symbol": symbol})
             return one_row(cur)[0]
 
-    def record_status(self, row: dict) -> None:
+    def record_status(self, row: dict, lookback_ms: int) -> None:
         with self.transaction() as cur:
             cur.execute(NEWEST_FILL_SQL, {"user_id": row["user_id"], "symbol": row["symbol"]})
-            cur.execute(INSERT_STATUS_SQL, {**row, "last_trade_time": one_row(cur)[0]})
+            newest = one_row(cur)[0]
+            cur.execute(
+                INSERT_STATUS_SQL,
+                {**row, "last_trade_time": newest, "lookback_ms": lookback_ms},
+            )
 
 
 # =============================================================================================
@@ -3090,6 +3169,15 @@ class Outcome:
             "duration_ms": self.duration_ms,
             "status": "success" if self.status == "success" else "error",
             "error": error,
+            "error_kind": (
+                None
+                if self.status == "success"
+                else "interrupted"
+                if self.status == "interrupted"
+                else self.cause.kind
+                if self.cause
+                else "internal"
+            ),
         }
 
     def log(self, dry_run: bool) -> None:
@@ -3366,7 +3454,20 @@ def log_pass_start(ctx: PassContext, users: list[UserConfig]) -> None:
     )
 
 
+CLOCK_WARN_MS = 60_000  # an exchange clock this far from this machine's is worth a WARNING
+
+
 def log_pass_summary(ctx: PassContext, outcomes: list[Outcome], seconds: float) -> None:
+    offset = ctx.clock.offset_ms
+    if abs(offset) >= CLOCK_WARN_MS:
+        log.warning(
+            "pass %s: the exchange's clock is %+.1f s from this machine's (walks end at the "
+            "exchange's time, and --status measures 'synced through' against this machine's): "
+            "check NTP here, or the exchange's time endpoint",
+            ctx.pass_id,
+            offset / SECOND_MS,
+            extra={"event": "clock_offset", "pass_id": ctx.pass_id},
+        )
     counts = {
         s: sum(o.status == s for o in outcomes)
         for s in ("success", "error", "skipped", "interrupted", "left")
@@ -3495,7 +3596,8 @@ class SyncPass:
         row = None if self.ctx.options.dry_run else outcome.status_row(self.ctx.pass_id)
         try:
             if row:
-                self._worker().store.record_status(row)
+                lookback_ms = self.cfg.sync.lookback_seconds * SECOND_MS
+                self._worker().store.record_status(row, lookback_ms)
         except SyncError as exc:
             log.error("%s: cannot record sync_status: %s", outcome.name, exc)
         except Exception:  # logged with its traceback; the pass goes on
@@ -3504,7 +3606,7 @@ class SyncPass:
 
 
 def plural(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith('s') else 's'}"
 
 
 def exit_code(outcomes: list[Outcome]) -> int:
@@ -3515,14 +3617,16 @@ def exit_code(outcomes: list[Outcome]) -> int:
 # 10. Operator commands: --check, --status, --metrics-file
 # =============================================================================================
 
-PAIR_STATUS_SQL = """
+PAIR_STATUS_SQL = f"""
 SELECT pair.user_id, pair.symbol, latest.status, latest.last_sync_time,
        now() - latest.last_sync_time AS age, latest.records_count, latest.fetched_count,
        latest.requests_count, latest.late_count, latest.last_trade_time, latest.error_message,
-       success.last_sync_time AS last_success_time,
+       latest.error_kind, success.last_sync_time AS last_success_time,
        now() - success.last_sync_time AS success_age,
-       quarantine.rejected_open
-  FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS pair(user_id, symbol, n)
+       quarantine.rejected_open, {SYNCED_THROUGH_SQL} AS synced_through,
+       (extract(epoch FROM now()) * 1000)::bigint - ({SYNCED_THROUGH_SQL}) AS behind_ms
+  FROM unnest(%(users)s::text[], %(symbols)s::text[]) WITH ORDINALITY
+       AS pair(user_id, symbol, n)
   LEFT JOIN LATERAL (
         SELECT * FROM sync_status s
          WHERE s.user_id = pair.user_id AND s.symbol = pair.symbol
@@ -3535,6 +3639,7 @@ SELECT pair.user_id, pair.symbol, latest.status, latest.last_sync_time,
         SELECT count(*) AS rejected_open FROM rejected_fills r
          WHERE r.user_id = pair.user_id AND r.resolved_at IS NULL
            AND (pair.symbol = '*' OR r.symbol = pair.symbol)) quarantine ON true
+  LEFT JOIN sync_cursor c ON c.user_id = pair.user_id AND c.symbol = pair.symbol
  ORDER BY pair.n
 """
 
@@ -3550,7 +3655,14 @@ def pair_status(cfg: Config, users: list[UserConfig]) -> list[dict]:
         ensure_schema(conn)
         pairs = configured_pairs(users)
         with conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
-            cur.execute(PAIR_STATUS_SQL, ([p[0] for p in pairs], [p[1] for p in pairs]))
+            cur.execute(
+                PAIR_STATUS_SQL,
+                {
+                    "users": [p[0] for p in pairs],
+                    "symbols": [p[1] for p in pairs],
+                    "lookback_ms": cfg.sync.lookback_seconds * SECOND_MS,
+                },
+            )
             return [dict(r) for r in cur.fetchall()]
     except psycopg2.Error as exc:
         raise DatabaseError(describe_db_error(exc)) from None
@@ -3578,51 +3690,68 @@ def _utc(moment: dt.datetime | None) -> str | None:
     return moment.astimezone(dt.UTC).isoformat() if moment else None
 
 
-def stale_reason(row: dict, max_age: int) -> str | None:
-    """Why a pair counts as stale for --max-age, or None."""
-    age = row["success_age"]
-    if age is not None and age.total_seconds() <= max_age:
+def health(row: dict, max_age: int) -> str | None:
+    """What --max-age says of a pair that is not fine: FAILING (its latest pass failed with an
+    error that does not go away by itself), STALE (not synced through the last ``max_age``
+    seconds), or None."""
+    name = f"{row['user_id']}/{row['symbol']}"
+    latest = f"latest pass failed: {row['error_message']}" if row["status"] == "error" else ""
+    if row["status"] == "error" and row["error_kind"] in PERSISTENT_ERRORS:
+        return f"FAILING {name}: {latest}"
+    through = row["synced_through"]
+    if through is None:
+        return f"STALE {name}: never synced" + (f"; {latest}" if latest else "")
+    behind = max(row["behind_ms"], 0) / SECOND_MS
+    if behind <= max_age:
         return None
-    since = "never synced successfully" if age is None else f"last success {format_age(age)} ago"
-    latest = ""
-    if row["status"] == "error":
-        latest = f"; latest pass failed: {row['error_message']}"
-    return f"{row['user_id']}/{row['symbol']}: {since}{latest}"
+    return (
+        f"STALE {name}: synced through {format_ms(through)}, {behind:.0f} s ago (limit "
+        f"{max_age} s)" + (f"; {latest}" if latest else "")
+    )
 
 
 def print_status(cfg: Config, users: list[UserConfig], as_json: bool, max_age: int | None) -> int:
     rows = pair_status(cfg, users)
-    stale = {(r["user_id"], r["symbol"]): stale_reason(r, max_age) for r in rows} if max_age else {}
-    code = EXIT_SYNC_FAILED if any(stale.values()) else EXIT_OK
+    verdicts = {(r["user_id"], r["symbol"]): health(r, max_age) for r in rows} if max_age else {}
+    code = EXIT_SYNC_FAILED if any(verdicts.values()) else EXIT_OK
     if as_json:
-        print(json.dumps([_status_json(r, stale) for r in rows], indent=2))
+        print(json.dumps([_status_json(r, verdicts) for r in rows], indent=2))
     elif max_age is not None:
-        reasons = [reason for reason in stale.values() if reason]
-        for reason in reasons:
-            print(f"STALE {reason}")
-        if not reasons:
-            print(f"OK: all {plural(len(rows), 'pair')} synced successfully within {max_age}s")
+        problems = [v for v in verdicts.values() if v]
+        problems.sort(key=lambda v: not v.startswith("FAILING"))  # those first
+        for problem in problems:
+            print(problem)
+        if not problems:
+            print(f"OK: all {plural(len(rows), 'pair')} synced through less than {max_age} s ago")
     else:
         print(_status_table(rows))
     return code
 
 
-def _status_json(row: dict, stale: dict) -> dict:
-    out = {k: v for k, v in row.items() if k not in ("age", "success_age")}
+def _status_json(row: dict, verdicts: dict) -> dict:
+    out = {k: v for k, v in row.items() if k not in ("age", "success_age", "behind_ms")}
     out["last_sync_time"] = _utc(row["last_sync_time"])
     out["last_success_time"] = _utc(row["last_success_time"])
     out["age_seconds"] = int(row["age"].total_seconds()) if row["age"] is not None else None
     out["last_trade_time_utc"] = (
         format_ms(row["last_trade_time"]) if row["last_trade_time"] else None
     )
-    if stale:
-        out["stale"] = bool(stale.get((row["user_id"], row["symbol"])))
+    through = row["synced_through"]
+    out["synced_through_utc"] = format_ms(through) if through is not None else None
+    out["behind_seconds"] = (
+        round(max(row["behind_ms"], 0) / SECOND_MS, 1) if through is not None else None
+    )
+    if verdicts:
+        verdict = verdicts.get((row["user_id"], row["symbol"]))
+        out["stale"] = bool(verdict)
+        out["failing"] = bool(verdict and verdict.startswith("FAILING"))
     return out
 
 
 def _status_table(rows: list[dict]) -> str:
     headers = ["USER", "SYMBOL", "STATUS", "LAST SYNC (UTC)", "AGE", "INSERTED", "LATE", "REJECTED"]
-    headers += ["FETCHED", "REQUESTS", "LAST FILL (UTC)", "LAST SUCCESS", "ERROR"]
+    headers += ["FETCHED", "REQUESTS", "LAST FILL (UTC)", "SYNCED THROUGH (UTC)", "LAST SUCCESS"]
+    headers += ["ERROR"]
     table = []
     for r in rows:
         synced = r["last_sync_time"]
@@ -3639,6 +3768,7 @@ def _status_table(rows: list[dict]) -> str:
                 str(r["fetched_count"] if synced else "-"),
                 str(r["requests_count"] if synced else "-"),
                 format_ms(r["last_trade_time"]),
+                format_ms(r["synced_through"]),
                 format_age(r["success_age"]) + (" ago" if r["success_age"] else ""),
                 printable(r["error_message"] or "", 80),
             ]
@@ -3711,6 +3841,10 @@ class Metrics:
             "1 if the pair's latest sync succeeded, 0 if it failed.",
         ),
         "weex_sync_last_sync_duration_seconds": ("gauge", "Duration of the pair's latest sync."),
+        "weex_sync_synced_through_timestamp_seconds": (
+            "gauge",
+            "Unix time up to which the pair's fills are known complete (alert on its age).",
+        ),
         "weex_sync_fills_inserted_total": ("counter", "Fills inserted into trade_fills."),
         "weex_sync_late_fills_total": ("counter", "Inserted fills that became visible late."),
         "weex_sync_rejected_fills_total": (
@@ -3728,6 +3862,10 @@ class Metrics:
         "weex_sync_pass_duration_seconds": ("gauge", "Duration of the latest pass."),
         "weex_sync_pass_exit_code": ("gauge", "Exit code of the latest pass."),
         "weex_sync_pass_timestamp_seconds": ("gauge", "Unix time the latest pass ended."),
+        "weex_sync_clock_offset_seconds": (
+            "gauge",
+            "The exchange's clock minus this machine's, as the latest pass measured it.",
+        ),
     }
     LINE_RE = re.compile(r"(weex_sync_\w+_total)(\{[^}\n]*\})? ([0-9.eE+-]+)")
 
@@ -3741,6 +3879,7 @@ class Metrics:
         outcomes: list[Outcome],
         code: int,
         seconds: float,
+        clock_offset_ms: int = 0,
     ) -> None:
         counters = self._previous_counters()
         values: dict[str, dict[str, float]] = {name: {} for name in self.HELP}
@@ -3765,6 +3904,7 @@ class Metrics:
         values["weex_sync_pass_duration_seconds"][""] = round(seconds, 3)
         values["weex_sync_pass_exit_code"][""] = code
         values["weex_sync_pass_timestamp_seconds"][""] = round(time.time(), 3)
+        values["weex_sync_clock_offset_seconds"][""] = clock_offset_ms / SECOND_MS
         self._pair_gauges(cfg, users, values)
         self._replace_file(self._render(values))
 
@@ -3784,6 +3924,10 @@ class Metrics:
             if r["status"] is not None:
                 values["weex_sync_last_sync_success"][labels] = int(r["status"] == "success")
             values["weex_sync_rejected_fills_open"][labels] = r["rejected_open"]
+            if r["synced_through"] is not None:
+                values["weex_sync_synced_through_timestamp_seconds"][labels] = (
+                    r["synced_through"] / SECOND_MS
+                )
 
     def _previous_counters(self) -> dict[tuple[str, str], float]:
         try:
@@ -4099,7 +4243,9 @@ def run_passes(
         finally:
             busy.clear()
         if metrics_file:
-            Metrics(metrics_file).write(cfg, users, outcomes, code, time.monotonic() - started)
+            Metrics(metrics_file).write(
+                cfg, users, outcomes, code, time.monotonic() - started, clock.offset_ms
+            )
         return code
 
     try:
