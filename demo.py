@@ -63,10 +63,23 @@ def fresh_database(pg: dict, name: str) -> None:
 OVERRIDES = re.compile(r"^(DB_|POSTGRES_|WEEX_)")
 
 
+def shown(path: str | Path) -> str:
+    """A path as a user pastes it: relative to the working directory when inside it."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
+
+
 def run_cli(config_path: Path, *args: str) -> int:
     command = [sys.executable, str(HERE / "weex_sync.py"), *args, "-c", str(config_path)]
     env = {k: v for k, v in os.environ.items() if not OVERRIDES.match(k)}
-    print(f"\n$ {' '.join(command[1:])}", flush=True)
+    pasteable = [
+        shown(sys.executable),
+        shown(HERE / "weex_sync.py"),
+        *args,
+        "-c",
+        shown(config_path),
+    ]
+    print(f"\n$ {' '.join(pasteable)}", flush=True)
     code = subprocess.run(command, check=False, env=env).returncode
     print(f"(exit code {code})")
     return code
@@ -97,8 +110,8 @@ def main() -> None:
     base_url = sim.start()
     print(f"WEEX simulator at {base_url}: 3 accounts x 2 symbols")
 
-    workdir = HERE / ".demo"
-    workdir.mkdir(exist_ok=True)
+    workdir = Path(os.environ.get("DEMO_DIR") or HERE / ".demo")  # the tests use their own
+    workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "config.yaml"
     config = {
         "database": {**pg, "dbname": dbname, "sslmode": "disable"},
@@ -106,7 +119,7 @@ def main() -> None:
         "sync": {"start_time": start_ms, "users": users},  # symbols: all, the default
     }
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    print(f"config written to {config_path.relative_to(HERE)}")
+    print(f"config written to {shown(config_path)}")
 
     try:
         if run_cli(config_path, "--once") != 0:

@@ -11,7 +11,10 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import psycopg2
+import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -24,6 +27,7 @@ from conftest import (
     START_MS,
     Database,
     Harness,
+    database_exists,
     finish,
     make_account,
     stored_fills,
@@ -40,7 +44,13 @@ def free_port() -> int:
 def test_demo_runs_when_db_port_points_where_nothing_answers(tmp_path):
     """DB_PORT=5499 make demo: the demo falls back to a throwaway server, and its weex_sync
     runs do not inherit DB_PORT (which would override the config it wrote)."""
-    env = {**os.environ, "DB_PORT": str(free_port())}
+    demo_dir = tmp_path / "demo"
+    before = (
+        (HERE / ".demo" / "config.yaml").read_bytes()
+        if (HERE / ".demo" / "config.yaml").exists()
+        else None
+    )
+    env = {**os.environ, "DB_PORT": str(free_port()), "DEMO_DIR": str(demo_dir)}
     result = subprocess.run(
         [sys.executable, str(HERE / "demo.py")],
         capture_output=True,
@@ -48,11 +58,25 @@ def test_demo_runs_when_db_port_points_where_nothing_answers(tmp_path):
         env=env,
         timeout=120,
         check=False,
+        cwd=HERE,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("(exit code 0)") == 4
     assert "Traceback" not in result.stdout + result.stderr
     assert "throwaway PostgreSQL" in result.stdout
+    # the follow-ups it prints run when pasted: the venv's python, not the script's shebang
+    commands = [line[2:] for line in result.stdout.splitlines() if line.startswith("$ ")]
+    assert commands
+    for command in commands:  # "<venv>/bin/python weex_sync.py --once -c <dir>/config.yaml"
+        interpreter, script = command.split()[:2]
+        assert Path(interpreter).name.startswith("python") and script == "weex_sync.py", command
+    assert (demo_dir / "config.yaml").exists()  # and the user's .demo/ is left alone
+    after = (
+        (HERE / ".demo" / "config.yaml").read_bytes()
+        if (HERE / ".demo" / "config.yaml").exists()
+        else None
+    )
+    assert after == before
 
 
 def test_the_crontab_line_works_with_the_env_file_as_shipped(harness: Harness, db: Database, sim):
@@ -93,6 +117,127 @@ def test_the_crontab_line_works_with_the_env_file_as_shipped(harness: Harness, d
     assert "pass " in log and "finished" in log and "0 failed" in log
     for user in users:
         assert stored_fills(db, user.user_id) == harness.expected(user, BTC)
+
+
+BAD_ENV_LINES = {
+    "USER1_API_KEY = spaced-around-equals": "not KEY=value",
+    "USER1_PASSPHRASE=a value with spaces": "has spaces, quotes or shell characters",
+    "export USER1_SECRET_KEY=x": "no 'export'",
+}
+
+
+def test_a_bad_env_file_line_is_one_error_in_the_log_through_the_crontab_line(
+    harness: Harness, tmp_path
+):
+    """With 2.0's crontab line the shell failed on such lines ('command not found'), weex_sync
+    never ran and the log stayed empty: now each bad line is an error naming file and line."""
+    install = tmp_path / "opt"
+    (install / "log").mkdir(parents=True)
+    shutil.copy(HERE / "weex_sync.py", install)
+    shutil.copy(HERE / "config.yaml.example", install / "config.yaml")
+    lines = ["# secrets", "DB_PASSWORD=''", *BAD_ENV_LINES]
+    (install / "weex_sync.env").write_text("\n".join(lines) + "\n")
+    [line] = [
+        line for line in (HERE / "crontab.example").read_text().splitlines() if line[:1] == "*"
+    ]
+    command = line.split(None, 5)[5].replace("/opt/weex_sync", str(install))
+    command = command.replace(".venv/bin/python", sys.executable)
+
+    cron_env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SHELL": "/bin/sh"}
+    result = subprocess.run(["/bin/sh", "-c", command], env=cron_env, timeout=60, check=False)
+
+    assert result.returncode == 2
+    log = (install / "log" / "weex_sync.log").read_text().splitlines()
+    assert len(log) == 3, log
+    for number, (_, reason) in enumerate(BAD_ENV_LINES.items(), start=3):
+        assert f"configuration error: weex_sync.env:{number}: " in log[number - 3]
+        assert reason in log[number - 3]
+    assert "spaces" not in " ".join(log).split("configuration error")[0]  # no values shown
+    assert "a value with" not in "\n".join(log)
+
+
+def test_the_env_file_grammar_is_what_systemd_and_a_shell_read_alike(tmp_path):
+    path = tmp_path / "weex_sync.env"
+    path.write_text(
+        '# comment\n\nA=plain-value_1.2\nB=\'with spaces $x \\ "q"\'\nC="double"\nD=\n  E=x\n'
+    )
+    assert weex_sync.read_env_file(str(path)) == {
+        "A": "plain-value_1.2",
+        "B": 'with spaces $x \\ "q"',
+        "C": "double",
+        "D": "",
+        "E": "x",
+    }
+    for bad in ("A=$HOME", 'A="$x"', "A=a'b", "A=x;y", "1A=x", "A =x", "A=x \\"):
+        path.write_text(bad + "\n")
+        with pytest.raises(weex_sync.ConfigError, match="weex_sync.env:1: "):
+            weex_sync.read_env_file(str(path))
+
+
+def test_variables_already_set_win_over_the_env_file(harness: Harness, db: Database, sim, tmp_path):
+    harness.accounts = [make_account(sim, 1)]
+    env_file = tmp_path / "weex_sync.env"
+    env_file.write_text("DB_NAME=not_this_one\n")
+    assert harness.run("--env-file", str(env_file), env={"DB_NAME": harness.db_name}) == 0
+    assert db.status()[-1]["status"] == "success"
+
+
+@pytest.mark.parametrize("flags", ["--status", "--status --max-age 10m", "--status --json"])
+def test_status_on_a_missing_database_is_exit_3_and_creates_nothing(
+    harness: Harness, sim, pg, scratch_db_names, flags
+):
+    harness.accounts = [make_account(sim, 1)]
+    name = f"weex_missing_{os.getpid()}"
+    scratch_db_names.append(name)
+    harness.database["dbname"] = name
+
+    assert harness.run(*flags.split()) == 3
+
+    line = [line for line in harness.last_log.splitlines() if "ERROR" in line]
+    assert len(line) == 1 and f'database "{name}" does not exist (nothing was created)' in line[0]
+    assert not database_exists(pg, name)
+    assert "created database" not in harness.last_log
+
+
+def test_status_on_a_database_without_tables_is_exit_3_and_creates_nothing(
+    harness: Harness, sim, pg, scratch_db_names
+):
+    harness.accounts = [make_account(sim, 1)]
+    name = f"weex_empty_{os.getpid()}"
+    scratch_db_names.append(name)
+    conn = psycopg2.connect(dbname="postgres", **pg)
+    conn.autocommit = True
+    conn.cursor().execute(f"CREATE DATABASE {name}")
+    conn.close()
+    harness.database["dbname"] = name
+
+    assert harness.run("--status") == 3
+
+    assert "has no weex_sync tables (nothing was created): run a pass first" in harness.last_log
+    conn = psycopg2.connect(dbname=name, **pg)
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+        assert cur.fetchone()[0] == 0
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        ("--check --dry-run", "--dry-run: not with --check"),
+        ("--check --since 2026-01-01", "--since: not with --check"),
+        ("--status --since 2026-01-01", "--since: not with --status"),
+        ("--status --dry-run", "--dry-run: not with --status"),
+        ("--status --metrics-file m.prom", "--metrics-file: not with --status"),
+        ("--check --max-seconds 5", "--max-seconds: not with --check"),
+        ("--status --lock-wait 5", "--lock-wait: not with --status"),
+    ],
+)
+def test_flags_that_make_no_sense_together_are_exit_2(harness: Harness, sim, flags, named):
+    harness.accounts = [make_account(sim, 1)]
+    assert harness.run(*flags.split()) == 2
+    assert named in harness.last_log and len(harness.last_log.strip().splitlines()) == 1
+    assert sim.requests == []
 
 
 def test_without_a_config_file_it_says_where_it_looked(tmp_path, capsys, monkeypatch):

@@ -95,8 +95,13 @@ def test_status_since_and_symbol_in_all_mode(harness: Harness, db: Database, sim
         (ETH,),
     )
 
-    assert harness.run("--symbol", ETH) == 2  # one walk covers every contract of this user
-    assert "take --symbol only with --since" in harness.last_log
+    # one walk covers every contract of this user: --symbol alone does not narrow it, and says so
+    assert harness.run("--symbol", ETH) == 0
+    assert (
+        "--symbol: user1 syncs every contract in one walk (symbols: all) and is not narrowed"
+        in (harness.last_log)
+    )
+    assert db.status()[-1]["symbol"] == "*"
     assert harness.run("--since", str(START_MS - DAY_MS), "--symbol", "ETHUSDT") == 0
     assert stored_fills(db) == harness.expected(account)
     assert db.status()[-1]["symbol"] == ETH and db.status()[-1]["records_count"] == lost

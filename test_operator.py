@@ -34,13 +34,53 @@ def test_check_reports_credentials_and_last_sync_per_user(harness: Harness, db: 
     assert newest_utc.replace("+00:00", "Z") in lines[("user1", BTC, "ok")]
     assert lines[("user1", BTC, "ok")].rstrip().endswith("success")
     assert lines[("user2", BTC, "ok")].rstrip().endswith("never synced")
-    assert harness.fills_requests() == 2  # one cheap request per user
+    assert harness.fills_requests() == 4  # one cheap request per configured symbol
     assert db.scalar("SELECT count(*) FROM sync_status") == 2  # --check writes no status
 
     accounts[1].passphrase = "wrong"
     assert harness.run("--check") == 1
     assert "FAILED (below)" in harness.out
     assert "user2: credentials rejected (HTTP 401" in harness.out  # in full, below the table
+
+
+def test_check_probes_every_symbol_and_names_what_failed(harness: Harness, db: Database, sim):
+    """A symbol the exchange rejects is named, first or second, and the valid one is ok."""
+    first, second = (
+        make_account(sim, 1, [BTC, "NOSUCHUSDT"]),
+        make_account(sim, 2, ["NOSUCHUSDT", BTC]),
+    )
+    harness.accounts = [first, second]
+
+    assert harness.run("--check") == 1
+
+    verdicts = {
+        tuple(line.split()[:2]): line.split()[2:4] for line in harness.out.splitlines()[2:4]
+    }
+    verdicts.update(
+        {tuple(line.split()[:2]): line.split()[2:4] for line in harness.out.splitlines()[4:6]}
+    )
+    assert verdicts[("user1", BTC)][0] == "ok" and verdicts[("user2", BTC)][0] == "ok"
+    assert verdicts[("user1", "cmt_nosuchusdt")] == ["SYMBOL", "REJECTED"]
+    assert verdicts[("user2", "cmt_nosuchusdt")] == ["SYMBOL", "REJECTED"]
+    problems = [line for line in harness.out.splitlines() if line.startswith("user")][4:]
+    assert len(problems) == 2
+    assert all("/cmt_nosuchusdt: symbol rejected" in p for p in problems)
+
+
+def test_check_of_five_users_against_a_dead_exchange_takes_one_users_retries(
+    harness: Harness, db: Database, sim
+):
+    harness.accounts = [make_account(sim, n) for n in range(1, 6)]
+    harness.weex.update(base_url="http://127.0.0.1:9", max_retries=2)  # nothing listens
+    harness.sync["workers"] = 5
+
+    began = time.monotonic()
+    assert harness.run("--check") == 1
+    took = time.monotonic() - began
+
+    assert took < 3 * 1.0 + 2  # one user's backoff (0.5 s, 1 s) and the others at once
+    assert harness.out.count("UNREACHABLE") == 5
+    assert "cannot reach the exchange" in harness.out
 
 
 def test_dry_run_fetches_and_counts_but_writes_nothing(harness: Harness, db: Database, sim):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from decimal import Decimal
 
 import pytest
 
@@ -36,7 +37,12 @@ CLASSIFICATION = [
     (V2, 401, body("40011"), weex_sync.CredentialsError, "passphrase"),
     (V2, 400, body("40012"), weex_sync.CredentialsError, "credentials rejected"),
     (V2, 400, body("40018"), weex_sync.AccessDenied, "whitelist this IP"),
-    (V2, 521, body("521"), weex_sync.AccessDenied, "whitelist this IP"),
+    (V2, 521, body("521"), weex_sync._OriginDown, "HTTP 521"),  # retried; see below
+    (V2, 400, body("40001"), weex_sync.CredentialsError, "headers are missing"),
+    (V2, 400, body("40003"), weex_sync.CredentialsError, "headers are missing"),
+    (V2, 400, body("40013"), weex_sync.AccessDenied, "account frozen"),
+    (V2, 403, body("40014"), weex_sync.AccessDenied, "not permitted"),
+    (V2, 200, body("40015"), weex_sync._Busy, "exchange busy"),
     (V2, 400, body("40034"), weex_sync.SymbolRejected, "check sync.symbols"),
     (V2, 400, body("40017"), weex_sync.SymbolRejected, "bug in weex_sync"),
     (V2, 200, body("50001"), weex_sync._Transient, "exchange answered HTTP 200"),
@@ -86,11 +92,20 @@ def test_success_answers_pass_through():
     assert weex_sync.classify_response(V2, 200, json.dumps(success).encode(), None, str) == success
 
 
+def test_http_521_mentions_the_ip_whitelist_only_once_the_retries_are_spent():
+    with pytest.raises(weex_sync._OriginDown) as raised:
+        weex_sync.classify_response(V3, 521, b"<html>origin down</html>", None, str)
+    assert "whitelist" not in str(raised.value)
+    final = raised.value.give_up(6)
+    assert "all 6 attempts" in str(final) and "whitelist it" in str(final)
+    assert not isinstance(final, weex_sync.ExchangeUnreachable)  # other users go on
+
+
 def test_retry_after_is_honoured_and_capped():
     with pytest.raises(weex_sync._Transient) as raised:
         weex_sync.classify_response(V3, 429, b"", "3600", str)
     assert raised.value.retry_after == weex_sync.RETRY_AFTER_CAP_SECONDS
-    assert raised.value.rate_limited
+    assert isinstance(raised.value, weex_sync._Throttled)
     with pytest.raises(weex_sync._Transient) as raised:
         weex_sync.classify_response(V3, 503, b"", "2", str)
     assert raised.value.retry_after == 2
@@ -107,6 +122,52 @@ def test_the_message_is_scrubbed_before_it_is_cut():
     text = str(raised.value)
     assert "PASSPH" not in text and "***" in text
     assert "\n" not in text and "***\\x0a" in text
+
+
+# --- the fills WEEX sends ------------------------------------------------------------------
+
+
+def test_real_v3_fills_carry_ids_and_time_as_json_strings():
+    """The shape of a captured v3 answer (ccxt's static tests): id, orderId and time as
+    strings, the other fields as the docs list them."""
+    body = json.loads(
+        '[{"id": "801234567890123456", "orderId": "702345678901234567", "symbol": "DOGEUSDT",'
+        ' "buyer": true, "commission": "0.00413", "commissionAsset": "USDT", "maker": false,'
+        ' "price": "0.13769", "qty": "50", "quoteQty": "6.8845", "realizedPnl": "0",'
+        ' "side": "BUY", "positionSide": "LONG", "time": "1764505701456"}]'
+    )
+    answer = weex_sync.parse_answer(V3, body, "cmt_dogeusdt", 1764505701456, 1764505701456, 1)
+    [fill] = answer.fills
+    assert (fill.trade_id, fill.order_id, fill.trade_time) == (
+        "801234567890123456",
+        "702345678901234567",
+        1764505701456,
+    )
+    assert (fill.price, fill.size, fill.fee, fill.fee_coin) == (
+        Decimal("0.13769"),
+        Decimal(50),
+        Decimal("0.00413"),
+        "USDT",
+    )
+    assert answer.full and answer.rejected == []
+
+
+def test_a_fill_without_commission_has_no_fee_coin():
+    obj = {
+        "id": 1,
+        "orderId": 2,
+        "symbol": "BTCUSDT",
+        "side": "SELL",
+        "price": "100",
+        "qty": "1",
+        "commission": "0",
+        "commissionAsset": "",
+        "time": 1764505701456,
+    }
+    fill = weex_sync.parse_fill(V3, obj, "cmt_btcusdt")
+    assert (fill.fee, fill.fee_coin) == (Decimal(0), "")
+    with pytest.raises(weex_sync.BadData, match="commissionAsset"):  # a fee needs its coin
+        weex_sync.parse_fill(V3, {**obj, "commission": "0.1"}, "cmt_btcusdt")
 
 
 # --- concurrency -------------------------------------------------------------------------------
@@ -174,6 +235,22 @@ def limiter(tmp_path=None, ip=50, uid=20) -> weex_sync.RateLimiter:
         shared_file=str(tmp_path / "budget") if tmp_path else "",
     )
     return weex_sync.RateLimiter(cfg, "host", margin=0.0)
+
+
+def test_two_keys_of_one_account_share_its_budget():
+    """WEEX counts the UID budget per account, not per API key (sync.users[].account)."""
+    budget = limiter(uid=10)
+    stop = weex_sync.Stop()
+    first = weex_sync.UserConfig("a", "key-a", "s", "p", account="acct-1")
+    second = weex_sync.UserConfig("b", "key-b", "s", "p", account="acct-1")
+    other = weex_sync.UserConfig("c", "key-c", "s", "p")
+    began = time.monotonic()
+    budget.acquire(first.budget_key, 5, stop)
+    budget.acquire(other.budget_key, 5, stop)
+    budget.acquire(second.budget_key, 5, stop)
+    assert time.monotonic() - began < 0.1  # 10 of 10 for acct-1
+    budget.acquire(second.budget_key, 5, stop)
+    assert time.monotonic() - began >= 0.18  # the account's window had to roll
 
 
 def test_the_limiter_admits_the_budget_then_waits_for_the_window():

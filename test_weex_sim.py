@@ -1,6 +1,6 @@
 """Tests of the simulator itself (weex_sim.py), over real HTTP as a client sees it.
 
-The signing is written out here from the API contract (/work/shared/weex-api.md), so these tests
+The signing is written out here from the API contract (docs/weex-api.md), so these tests
 do not depend on the client under test.
 """
 

@@ -1,11 +1,12 @@
 """Local simulator of the WEEX futures "trade fills" REST API.
 
-It follows /work/shared/weex-api.md over real HTTP, for both versions of the API: HMAC-signed
-``GET /capi/v2/order/fills`` (newest first, ``nextFlag``/``totals``) and ``GET /capi/v3/userTrades``
+It follows docs/weex-api.md over real HTTP, for both versions of the API: HMAC-signed
+``GET /capi/v2/order/fills`` (``nextFlag``/``totals``) and ``GET /capi/v3/userTrades``
 (a bare array, 7-day span and 365-day horizon limits), the public server-time endpoints of both,
 each version's error bodies, weighted rolling-window rate limits and injectable faults.  Both
 versions serve one history per account: each fill is stored once and rendered per version.  Where
-the docs are silent (v3 sort order, sorting within a page, when a fill becomes visible) switches
+the docs are silent (which end of a range a page holds and how it lists it, on either version;
+when a fill becomes visible) switches
 make it behave each way the real exchange might.  Used in-process by the test-suite and benchmarks,
 and standalone (see ``main``) by the demo.  Standard library only.
 """

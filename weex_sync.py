@@ -139,6 +139,12 @@ class UserConfig:
     passphrase: str = field(repr=False)
     symbols: tuple[str, ...] = (ALL_SYMBOLS,)  # (ALL_SYMBOLS,): every contract, one walk
     enabled: bool = True
+    account: str = ""  # the WEEX account (UID) the key belongs to; "": its own
+
+    @property
+    def budget_key(self) -> str:
+        """What the per-account budget is kept by: WEEX counts it per UID, not per API key."""
+        return "account " + self.account if self.account else "key " + self.api_key
 
 
 @dataclass(frozen=True)
@@ -217,6 +223,62 @@ def default_budget_file(environ: Mapping[str, str]) -> str:
     XDG_RUNTIME_DIR, which cron does not set)."""
     cache = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(cache, "weex_sync", "ratelimit")
+
+
+ENV_LINE_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)")
+# A value systemd's EnvironmentFile= and a shell's `.` read the same: unquoted without spaces
+# or shell characters, or in single quotes (literal), or in double quotes without $ ` \ ".
+ENV_PLAIN_RE = re.compile(r"[^\s'\"\\$`;&|<>()]*")
+ENV_SINGLE_RE = re.compile(r"'([^']*)'")
+ENV_DOUBLE_RE = re.compile(r'"([^"$`\\]*)"')
+
+
+class EnvFileError(ConfigError):
+    """Bad lines of an --env-file: one message per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(problems[0])
+        self.problems = problems
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """KEY=value lines (see ENV_PLAIN_RE), blank lines and # comments; every other line is an
+    error naming the file and the line number, never the value (it may be a secret)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"--env-file {path}: cannot read it: {reason}") from None
+    values: dict[str, str] = {}
+    problems = []
+    for number, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        problem = None
+        match = ENV_LINE_RE.fullmatch(text)
+        if text.startswith("export "):
+            problem = "no 'export' (systemd's EnvironmentFile= does not take it): KEY=value"
+        elif match is None:
+            problem = "not KEY=value (no spaces around '=', KEY of letters, digits and _)"
+        else:
+            value = match[2]
+            quoted = ENV_SINGLE_RE.fullmatch(value) or ENV_DOUBLE_RE.fullmatch(value)
+            if quoted:
+                values[match[1]] = quoted[1]
+            elif ENV_PLAIN_RE.fullmatch(value):
+                values[match[1]] = value
+            else:
+                problem = (
+                    f"the value of {match[1]} has spaces, quotes or shell characters: put it "
+                    "in single quotes (and use no single quote inside)"
+                )
+        if problem:
+            problems.append(f"{path}:{number}: {problem}")
+    if problems:
+        raise EnvFileError(problems)
+    return values
 
 
 def load_config(path: str | None, environ: Mapping[str, str]) -> Config:
@@ -476,6 +538,13 @@ def _credential(raw: dict, path: str, key: str) -> str:
     return value
 
 
+def _account(item: dict, path: str) -> str:
+    account = _typed(item, path, "account", str, "")
+    if account and not USER_ID_RE.fullmatch(account):
+        raise ConfigError(f"{path}.account: must be 1-64 letters, digits or _.@- characters")
+    return account
+
+
 def _default_user(weex_raw: dict, symbols: tuple[str, ...]) -> UserConfig:
     """Without ``sync.users`` the credentials in ``weex`` (or WEEX_* variables) are one user."""
     for key in ("api_key", "secret_key", "passphrase"):
@@ -502,7 +571,9 @@ def _users(value: Any, symbols: tuple[str, ...]) -> tuple[UserConfig, ...]:
         if not isinstance(item, dict):
             raise ConfigError(f"{p}: expected a mapping with user_id, api_key, secret_key, ...")
         _check_keys(
-            item, p, {"user_id", "api_key", "secret_key", "passphrase", "enabled", "symbols"}
+            item,
+            p,
+            {"user_id", "api_key", "secret_key", "passphrase", "enabled", "symbols", "account"},
         )
         user_id = _typed(item, p, "user_id", str)
         if not USER_ID_RE.fullmatch(user_id):
@@ -519,6 +590,7 @@ def _users(value: Any, symbols: tuple[str, ...]) -> tuple[UserConfig, ...]:
                 passphrase=_credential(item, p, "passphrase"),
                 symbols=user_symbols,
                 enabled=_typed(item, p, "enabled", bool, True),
+                account=_account(item, p),
             )
         )
     return tuple(users)
@@ -782,7 +854,7 @@ class FillFields(NamedTuple):
 
 @dataclass(frozen=True)
 class Api:
-    """What differs between the two versions of the fills endpoint (see ../shared/weex-api.md)."""
+    """What differs between the two versions of the fills endpoint (see docs/weex-api.md)."""
 
     version: int
     fills_path: str
@@ -816,6 +888,10 @@ V2 = Api(
     codes={
         **dict.fromkeys(("40005", "40008"), "clock"),
         **dict.fromkeys(("40006", "40009", "40011", "40012"), "credentials"),
+        **dict.fromkeys(("40001", "40002", "40003"), "headers"),
+        "40013": "frozen",
+        "40014": "permission",
+        "40015": "busy",
         "40018": "ip",
         "40017": "parameter",
         "40034": "symbol",
@@ -1029,7 +1105,7 @@ def parse_fill(api: Api, obj: Any, scope: str) -> Fill:
     if api.version == 2:
         price, coin = _v2_price(obj, size, where), fee_coin(symbol)
     else:
-        price, coin = _decimal_field(obj, "price", where, positive=True), _coin(obj, where)
+        price, coin = _decimal_field(obj, "price", where, positive=True), _coin(obj, fee, where)
     raw = to_json_checked(obj, where)
     return Fill(trade_id, order_id, symbol, side, price, size, fee, coin, trade_time, raw)
 
@@ -1047,8 +1123,11 @@ def _v2_price(obj: dict, size: Decimal, where: str) -> Decimal:
     return exact_quotient(value, size)
 
 
-def _coin(obj: dict, where: str) -> str:
+def _coin(obj: dict, fee: Decimal, where: str) -> str:
+    """The fee's coin; none (empty) for a fill that paid none (WEEX sends "" then)."""
     coin = obj.get("commissionAsset")
+    if coin == "" and fee.is_zero():
+        return ""
     if not (isinstance(coin, str) and COIN_RE.fullmatch(coin)):
         raise BadData(f"{where}: commissionAsset {_shown(coin)} is not a coin such as USDT")
     return coin
@@ -1175,6 +1254,7 @@ def to_json_checked(obj: dict, where: str) -> str:
 
 
 FILLS_WEIGHT = 5
+TIME_WEIGHT = 1
 V2_SUCCESS_CODES = {None, "0", "00000", "200"}
 MAX_BODY_BYTES = 8 * 2**20  # a page of fills is tens of KB; anything near this is not one
 RETRY_AFTER_CAP_SECONDS = 60.0
@@ -1343,32 +1423,50 @@ class WatchedAdapter(HTTPAdapter):
 
 
 class _Transient(Exception):
-    """An attempt that may succeed if repeated: transport fault, 429, 5xx, busy code, garbage."""
+    """An attempt that may succeed if repeated (a garbled answer, a dropped connection, a
+    timeout); the subclasses say what giving up after the retries means."""
 
-    def __init__(
-        self,
-        reason: str,
-        *,
-        retry_after: float | None = None,
-        sent: bool = True,
-        unreachable: bool = False,
-        rate_limited: bool = False,
-    ) -> None:
-        super().__init__(reason)
-        self.retry_after = retry_after
-        self.sent = sent
-        self.unreachable = unreachable
-        self.rate_limited = rate_limited
+    sent = True  # the request reached the exchange (it counts as a request made)
+    retry_after: float | None = None
 
     def give_up(self, attempts: int) -> ExchangeError:
-        if self.unreachable:
-            return ExchangeUnreachable(f"cannot reach the exchange: {self} ({attempts} attempts)")
-        if self.rate_limited:
-            return RateLimited(
-                f"exchange still rate limiting after {attempts} attempts ({self}): "
-                "lower weex.rate_limit or sync.workers"
-            )
         return ExchangeError(f"{self} (gave up after {attempts} attempts)")
+
+
+class _Unreachable(_Transient):
+    """No connection at all: the other pairs of the pass stop retrying once one gives up."""
+
+    sent = False
+
+    def give_up(self, attempts: int) -> ExchangeError:
+        return ExchangeUnreachable(f"cannot reach the exchange: {self} ({attempts} attempts)")
+
+
+class _Busy(_Transient):
+    """5xx, a busy code: backed off, Retry-After honoured."""
+
+    def __init__(self, reason: str, retry_after: float | None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class _Throttled(_Busy):
+    def give_up(self, attempts: int) -> ExchangeError:
+        return RateLimited(
+            f"exchange still rate limiting after {attempts} attempts ({self}): "
+            "lower weex.rate_limit or sync.workers"
+        )
+
+
+class _OriginDown(_Busy):
+    """HTTP 521: the CDN's "origin down"; some clients report it for an IP not whitelisted."""
+
+    def give_up(self, attempts: int) -> ExchangeError:
+        return ExchangeError(
+            f"the exchange answered {self} to all {attempts} attempts: its CDN says the origin "
+            "is down; if WEEX is up, this IP may not be whitelisted for this API key (whitelist "
+            "it in the WEEX API settings)"
+        )
 
 
 class _ClockRejected(Exception):
@@ -1429,23 +1527,25 @@ class RateLimiter:
                     exc,
                 )
 
-    def acquire(self, api_key: str, weight: int, stop: Stop) -> None:
-        """Wait until ``weight`` fits in both windows, then charge it. Interrupted on a stop."""
-        uid_key = "uid " + hashlib.sha256(api_key.encode()).hexdigest()[:16]
+    def acquire(self, account: str | None, weight: int, stop: Stop | None) -> None:
+        """Wait until ``weight`` fits in the IP window and the ``account``'s (None: a public
+        request, the IP's only), then charge it. Interrupted on a stop."""
+        uid_key = "uid " + hashlib.sha256((account or "").encode()).hexdigest()[:16]
         while True:
             with self._lock, self._machine_windows() as machine:
                 now = time.time()
-                budgets = (
-                    (machine, self.ip_key, self.cfg.ip_weight),
-                    (self._key_windows, uid_key, self.cfg.uid_weight),
-                )
+                budgets = [(machine, self.ip_key, self.cfg.ip_weight)]
+                if account is not None:
+                    budgets.append((self._key_windows, uid_key, self.cfg.uid_weight))
                 wait = self._admit(now, budgets, weight)
                 _forget_idle(machine, now - self.window)
                 if len(self._key_windows) > 64:  # a fleet has thousands of keys
                     _forget_idle(self._key_windows, now - self.window)
             if wait is None:
                 return
-            if stop.wait(wait):
+            if stop is None:
+                time.sleep(wait)
+            elif stop.wait(wait):
                 raise Interrupted()
 
     LOCK_WAIT_SECONDS = 10.0
@@ -1675,10 +1775,8 @@ def fetch(
                 raise Interrupted() from None
             if deadline.fired == "deadline":
                 raise _Transient("the answer did not arrive within weex.timeout_seconds") from None
-            never_sent = _never_sent(exc)
-            raise _Transient(
-                _describe_transport_error(exc, url), sent=not never_sent, unreachable=never_sent
-            ) from None
+            failure = _Unreachable if _never_sent(exc) else _Transient
+            raise failure(_describe_transport_error(exc, url)) from None
 
 
 def _read_body(raw: urllib3.BaseHTTPResponse, deadline: Deadline) -> bytes:
@@ -1761,7 +1859,9 @@ class ServerClock:
             )
         return self.now_ms()
 
-    def ensure_measured(self, cfg: WeexConfig, api: Api, stop: Stop | None = None) -> None:
+    def ensure_measured(
+        self, cfg: WeexConfig, api: Api, limiter: RateLimiter, stop: Stop | None = None
+    ) -> None:
         """Measure the offset unless done recently; on failure keep this machine's clock (and
         on a stop, return: the pass stops)."""
         with self._lock:
@@ -1770,7 +1870,7 @@ class ServerClock:
             self._measured_at = time.monotonic()
         session = make_session(cfg, pool_size=1)
         try:
-            self.resync(session, cfg, api, stop)
+            self.resync(session, cfg, api, limiter, stop)
         except Interrupted:
             return
         except ExchangeError as exc:
@@ -1780,8 +1880,14 @@ class ServerClock:
             session.close()
 
     def resync(
-        self, session: requests.Session, cfg: WeexConfig, api: Api, stop: Stop | None = None
+        self,
+        session: requests.Session,
+        cfg: WeexConfig,
+        api: Api,
+        limiter: RateLimiter,
+        stop: Stop | None = None,
     ) -> None:
+        limiter.acquire(None, TIME_WEIGHT, stop)  # a public request: the IP budget only
         sent = time.time() * 1000
         try:
             status, _, body = fetch(
@@ -1838,6 +1944,57 @@ def _retry_after(header: str | None) -> float | None:
     return None
 
 
+# What an error code (or, for a code the tables do not know, the HTTP status) means: the
+# exception and its message, the exchange's own words in the parentheses.
+REJECTIONS: dict[str, tuple[type[SyncError], str]] = {
+    "credentials": (
+        CredentialsError,
+        (
+            "credentials rejected ({}): check this user's api_key, secret_key and passphrase; "
+            "not retried"
+        ),
+    ),
+    "headers": (
+        CredentialsError,
+        (
+            "the exchange says ACCESS-* headers are missing ({}): a proxy between here and WEEX "
+            "removing headers? not retried"
+        ),
+    ),
+    "ip": (
+        AccessDenied,
+        "IP not whitelisted for this API key ({}): whitelist this IP in the WEEX API settings",
+    ),
+    "frozen": (
+        AccessDenied,
+        "account frozen ({}): the account must be unfrozen on WEEX; not retried",
+    ),
+    "permission": (
+        AccessDenied,
+        (
+            "API key not permitted ({}): give the key read permission for futures, or check that "
+            "the account is active; not retried"
+        ),
+    ),
+    "symbol": (SymbolRejected, "symbol rejected ({}): check sync.symbols; not retried"),
+    "range": (
+        RangeRejected,
+        (
+            "time range rejected ({}): if it lies inside the exchange's horizon this is a bug in "
+            "weex_sync, please report it; not retried"
+        ),
+    ),
+    "parameter": (
+        SymbolRejected,
+        (
+            "request rejected ({}): if the symbol is right this is a bug in weex_sync, please "
+            "report it; not retried"
+        ),
+    ),
+}
+STATUS_KINDS = {400: "parameter", 401: "credentials", 403: "permission"}
+
+
 def classify_response(
     api: Api, status: int, content: bytes, retry_after: str | None, scrub: Callable[[str], str]
 ) -> Any:
@@ -1854,7 +2011,7 @@ def classify_response(
         code = printable(scrub(str(body["code"])), 20)
         msg = printable(scrub(str(body.get("msg", ""))), 200)
     detail = f"HTTP {status}" + (f", code {code}: {msg}" if code is not None else "")
-    kind = api.codes.get(code or "")
+    kind = api.codes.get(code or "") or STATUS_KINDS.get(status)
     if 300 <= status < 400:
         raise ExchangeError(
             f"the exchange answered with a redirect ({detail}); not followed: credentials go "
@@ -1862,39 +2019,15 @@ def classify_response(
         )
     if kind == "clock":
         raise _ClockRejected(detail)
-    if kind == "credentials" or (kind is None and status == 401):
-        raise CredentialsError(
-            f"credentials rejected ({detail}): check this user's api_key, secret_key and "
-            "passphrase; not retried"
-        )
-    if kind == "ip" or (kind is None and status == 521):
-        raise AccessDenied(
-            f"IP not whitelisted for this API key ({detail}): whitelist this IP in the WEEX "
-            "API settings"
-        )
-    if kind == "permission" or (kind is None and status == 403):
-        raise AccessDenied(
-            f"API key not permitted ({detail}): give the key read permission for futures, or "
-            "check that the account is active; not retried"
-        )
-    if kind == "symbol":
-        raise SymbolRejected(f"symbol rejected ({detail}): check sync.symbols; not retried")
-    if kind == "range":
-        raise RangeRejected(
-            f"time range rejected ({detail}): if it lies inside the exchange's horizon this is a "
-            "bug in weex_sync, please report it; not retried"
-        )
-    if kind == "parameter" or (kind is None and status == 400):
-        raise SymbolRejected(
-            f"request rejected ({detail}): if the symbol is right this is a bug in weex_sync, "
-            "please report it; not retried"
-        )
-    if kind == "busy" or status == 429 or status >= 500:
-        raise _Transient(
-            f"exchange busy ({detail})",
-            retry_after=_retry_after(retry_after),
-            rate_limited=status == 429,
-        )
+    if kind in REJECTIONS:
+        error, meaning = REJECTIONS[kind]
+        raise error(meaning.format(detail))
+    if status == 521:
+        raise _OriginDown(detail, _retry_after(retry_after))
+    if status == 429:
+        raise _Throttled(f"exchange busy ({detail})", _retry_after(retry_after))
+    if kind == "busy" or status >= 500:
+        raise _Busy(f"exchange busy ({detail})", _retry_after(retry_after))
     if status != 200:
         raise ExchangeError(f"unexpected answer ({detail})")
     if not parsed:
@@ -1993,11 +2126,11 @@ class FillsClient:
                         f"exchange rejects our timestamp even after a clock resync ({exc}): "
                         "enable NTP on this machine"
                     ) from None
-                self.clock.resync(self.session, self.cfg, self.api, self.stop)
+                self.clock.resync(self.session, self.cfg, self.api, self.limiter, self.stop)
                 clock_resynced = True
             except _Transient as exc:
                 failures += 1
-                if exc.unreachable and self.host.unreachable:
+                if isinstance(exc, _Unreachable) and self.host.unreachable:
                     raise self.host.unreachable from None
                 if failures > self.cfg.max_retries:
                     error = exc.give_up(failures)
@@ -2018,7 +2151,7 @@ class FillsClient:
                     raise Interrupted() from None
 
     def _attempt(self, path: str, query: str, parse: Callable[[Any], T]) -> T:
-        self.limiter.acquire(self.user.api_key, FILLS_WEIGHT, self.stop)
+        self.limiter.acquire(self.user.budget_key, FILLS_WEIGHT, self.stop)
         timestamp = str(self.clock.now_ms())
         headers = {
             "ACCESS-KEY": self.user.api_key,
@@ -2757,13 +2890,18 @@ def describe_db_error(exc: BaseException) -> str:
     return printable(line)
 
 
-def open_database(db: DatabaseConfig) -> Conn:
-    """Connect, creating the database first (through the ``postgres`` database) if missing."""
+def open_database(db: DatabaseConfig, create: bool = True) -> Conn:
+    """Connect; when that fails because the database does not exist (asked of the server's
+    catalog, not read off its message, which may be in any language), create it through the
+    ``postgres`` database -- unless ``create`` is False (read-only commands)."""
     try:
         return connect(db)
     except psycopg2.OperationalError as exc:
-        if f'database "{db.dbname}" does not exist' not in str(exc):
-            raise DatabaseError(describe_db_error(exc)) from None
+        failure = exc
+    if database_exists(db) is not False:  # it exists, or the server cannot be asked
+        raise DatabaseError(describe_db_error(failure))
+    if not create:
+        raise DatabaseError(f'database "{db.dbname}" does not exist (nothing was created)')
     try:
         admin = connect(db, "postgres")
         admin.autocommit = True
@@ -2783,6 +2921,45 @@ def open_database(db: DatabaseConfig) -> Conn:
         return connect(db)
     except psycopg2.Error as exc:
         raise DatabaseError(describe_db_error(exc)) from None
+
+
+def database_exists(db: DatabaseConfig) -> bool | None:
+    """Whether the server has the database (None: it cannot be asked)."""
+    try:
+        admin = connect(db, "postgres")
+    except psycopg2.Error:
+        return None
+    try:
+        with admin.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db.dbname,))
+            return cur.fetchone() is not None
+    except psycopg2.Error:
+        return None
+    finally:
+        admin.close()
+
+
+def open_for_reading(db: DatabaseConfig) -> Conn:
+    """A connection to an existing database with weex_sync's current tables; DatabaseError
+    (exit 3) otherwise. Creates nothing: --status must not make a mistyped dbname real."""
+    conn = open_database(db, create=False)
+    try:
+        version = schema_version(conn)
+    except psycopg2.Error as exc:
+        conn.close()
+        raise DatabaseError(describe_db_error(exc)) from None
+    if version < SCHEMA_VERSION:
+        conn.close()
+        if version == 0:
+            raise DatabaseError(
+                f"database {db.dbname} has no weex_sync tables (nothing was created): run a "
+                "pass first"
+            )
+        raise DatabaseError(
+            f"database {db.dbname} holds weex_sync's schema version {version}, this weex_sync "
+            f"reads version {SCHEMA_VERSION}: run a pass to upgrade it"
+        )
+    return conn
 
 
 def ensure_schema(conn: Conn) -> None:
@@ -3527,7 +3704,7 @@ class SyncPass:
     def run(self, users: list[UserConfig]) -> list[Outcome]:
         started = time.monotonic()
         self.ctx.clock.ensure_measured(
-            self.cfg.weex, APIS[self.cfg.weex.api_version], self.ctx.stop
+            self.cfg.weex, APIS[self.cfg.weex.api_version], self.ctx.limiter, self.ctx.stop
         )
         users = stalest_first(self.cfg.database, users)
         log_pass_start(self.ctx, users)
@@ -3648,12 +3825,10 @@ def configured_pairs(users: Iterable[UserConfig]) -> list[tuple[str, str]]:
     return [(u.user_id, s) for u in users for s in u.symbols]
 
 
-def pair_status(cfg: Config, users: list[UserConfig]) -> list[dict]:
+def pair_status(conn: Conn, cfg: Config, users: list[UserConfig]) -> list[dict]:
     """Per configured pair: its latest sync_status row and its last success (index lookups)."""
-    conn = open_database(cfg.database)
+    pairs = configured_pairs(users)
     try:
-        ensure_schema(conn)
-        pairs = configured_pairs(users)
         with conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
             cur.execute(
                 PAIR_STATUS_SQL,
@@ -3666,8 +3841,6 @@ def pair_status(cfg: Config, users: list[UserConfig]) -> list[dict]:
             return [dict(r) for r in cur.fetchall()]
     except psycopg2.Error as exc:
         raise DatabaseError(describe_db_error(exc)) from None
-    finally:
-        conn.close()
 
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -3711,7 +3884,11 @@ def health(row: dict, max_age: int) -> str | None:
 
 
 def print_status(cfg: Config, users: list[UserConfig], as_json: bool, max_age: int | None) -> int:
-    rows = pair_status(cfg, users)
+    conn = open_for_reading(cfg.database)
+    try:
+        rows = pair_status(conn, cfg, users)
+    finally:
+        conn.close()
     verdicts = {(r["user_id"], r["symbol"]): health(r, max_age) for r in rows} if max_age else {}
     code = EXIT_SYNC_FAILED if any(verdicts.values()) else EXIT_OK
     if as_json:
@@ -3776,49 +3953,85 @@ def _status_table(rows: list[dict]) -> str:
     return format_table(headers, table)
 
 
-def check_credentials(
-    cfg: Config, user: UserConfig, session: requests.Session, limiter: RateLimiter
-) -> str | None:
-    """None if one signed fills request (limit 1, the last hour) succeeds, else why not."""
-    client = FillsClient(cfg.weex, user, session, ServerClock(), limiter, Stop())
-    end = client.clock.now_ms()
+CHECK_VERDICTS = {
+    "credentials": "CREDENTIALS FAILED",
+    "access": "ACCESS DENIED",
+    "symbol": "SYMBOL REJECTED",
+    "unreachable": "UNREACHABLE",
+}
+
+
+def check_user(
+    cfg: Config,
+    user: UserConfig,
+    clock: ServerClock,
+    limiter: RateLimiter,
+    host: HostWatch,
+) -> list[tuple[str, SyncError | None]]:
+    """Per symbol of the user (or its one all-contracts request): None if a signed fills
+    request (limit 1, the last hour) succeeds, else why not. An error of the user's (its
+    credentials, its key's access) or an unreachable exchange fails the rest without requests,
+    as in a pass."""
+    session = make_session(cfg.weex, pool_size=1)
+    client = FillsClient(cfg.weex, user, session, clock, limiter, Stop(), host)
+    results: list[tuple[str, SyncError | None]] = []
+    failed: SyncError | None = None
     try:
-        client.page(user.symbols[0], end - 3_600_000, end, 1)
-    except (ExchangeError, Interrupted) as exc:
-        return str(exc)
-    return None
+        for scope in user.symbols:
+            failed = failed or host.unreachable
+            if failed is not None:
+                results.append((scope, failed))
+                continue
+            end = clock.now_ms()
+            try:
+                client.page(scope, end - 3_600_000, end, 1)
+                results.append((scope, None))
+            except SyncError as exc:
+                results.append((scope, exc))
+                failed = exc if exc.user_wide else None
+    finally:
+        session.close()
+    return results
 
 
 def run_check(cfg: Config, users: list[UserConfig], redact: Redactor) -> int:
-    """Config, database and every user's credentials; a table, the problems in full below it."""
+    """Config, database, and every configured symbol of every user (users in parallel): a
+    table, the problems in full below it."""
     conn = prepare_database(cfg)
-    conn.close()
-    print(f"database: ok ({cfg.database.host}:{cfg.database.port}/{cfg.database.dbname})")
-    latest = {(r["user_id"], r["symbol"]): r["status"] for r in pair_status(cfg, users)}
-    store = Store(cfg.database)
-    session = make_session(cfg.weex)
-    limiter = RateLimiter(cfg.weex.rate_limit, urlsplit(cfg.weex.base_url).netloc)
-    table, problems = [], []
     try:
-        for user in users:
-            problem = check_credentials(cfg, user, session, limiter)
-            if problem:
-                problems.append(f"{user.user_id}: {printable(redact(problem))}")
-            for symbol in user.symbols:
-                status = latest.get((user.user_id, symbol))
-                table.append(
-                    [
-                        user.user_id,
-                        symbol,
-                        "ok" if problem is None else "FAILED (below)",
-                        format_ms(store.newest_fill(user.user_id, symbol)),
-                        status or "never synced",
-                    ]
-                )
+        print(f"database: ok ({cfg.database.host}:{cfg.database.port}/{cfg.database.dbname})")
+        latest = {(r["user_id"], r["symbol"]): r for r in pair_status(conn, cfg, users)}
     finally:
-        store.close()
-        session.close()
-    headers = ["USER", "SYMBOL", "CREDENTIALS", "LAST SYNCED FILL (UTC)", "LAST STATUS"]
+        conn.close()
+    limiter = RateLimiter(cfg.weex.rate_limit, urlsplit(cfg.weex.base_url).netloc)
+    clock, host = ServerClock(), HostWatch()
+    clock.ensure_measured(cfg.weex, APIS[cfg.weex.api_version], limiter)
+    workers = max(1, min(cfg.sync.workers, len(users)))
+    with ThreadPoolExecutor(workers, thread_name_prefix="check") as pool:
+        checked = list(pool.map(lambda u: check_user(cfg, u, clock, limiter, host), users))
+    table, problems = [], []
+    for user, results in zip(users, checked, strict=True):
+        told: set[str] = set()
+        for scope, error in results:
+            row = latest.get((user.user_id, scope)) or {}
+            verdict = "ok"
+            if error is not None:
+                verdict = CHECK_VERDICTS.get(error.kind, "FAILED") + " (below)"
+                message = printable(redact(str(error)))
+                where = user.user_id if error.user_wide else f"{user.user_id}/{scope}"
+                if message not in told:
+                    told.add(message)
+                    problems.append(f"{where}: {message}")
+            table.append(
+                [
+                    user.user_id,
+                    scope,
+                    verdict,
+                    format_ms(row.get("last_trade_time")),
+                    row.get("status") or "never synced",
+                ]
+            )
+    headers = ["USER", "SYMBOL", "CHECK", "LAST SYNCED FILL (UTC)", "LAST STATUS"]
     print(format_table(headers, table))
     for problem in problems:
         print(problem)
@@ -3911,7 +4124,11 @@ class Metrics:
     @staticmethod
     def _pair_gauges(cfg: Config, users: list[UserConfig], values: dict) -> None:
         try:
-            rows = pair_status(cfg, users)
+            conn = open_for_reading(cfg.database)
+            try:
+                rows = pair_status(conn, cfg, users)
+            finally:
+                conn.close()
         except SyncError as exc:
             log.warning("metrics: cannot read sync_status: %s", exc)
             return
@@ -3976,6 +4193,9 @@ def _number(value: float) -> str:
 # =============================================================================================
 
 
+LOCK_WAIT_DEFAULT = 60.0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="weex_sync.py",
@@ -4009,6 +4229,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="YAML config file (default: config.yaml in the working directory, else next to "
         "weex_sync.py)",
     )
+    parser.add_argument(
+        "--env-file",
+        metavar="PATH",
+        help="read KEY=value lines (the secrets config.yaml refers to as ${NAME}) from PATH; "
+        "variables already set win",
+    )
     parser.add_argument("--user", action="append", metavar="ID", help="only this user (repeatable)")
     parser.add_argument(
         "--symbol", action="append", metavar="S", help="only this symbol (repeatable)"
@@ -4027,7 +4253,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--lock-wait",
         type=float,
-        default=60.0,
+        default=LOCK_WAIT_DEFAULT,
         metavar="N",
         help="with --since: wait up to N seconds for a pair another pass is syncing (default 60)",
     )
@@ -4087,7 +4313,24 @@ def find_config(explicit: str | None, environ: Mapping[str, str]) -> str | None:
     )
 
 
+PASS_FLAGS = {
+    "dry_run": "--dry-run",
+    "since": "--since",
+    "until": "--until",
+    "max_seconds": "--max-seconds",
+    "metrics_file": "--metrics-file",
+    "loop": "--loop",
+}
+
+
 def pass_options(args: argparse.Namespace, cfg: Config) -> PassOptions:
+    mode = "--check" if args.check else "--status" if args.status else None
+    if mode is not None:
+        for name, flag in PASS_FLAGS.items():
+            if getattr(args, name, None) not in (None, False):
+                raise ConfigError(f"{flag}: not with {mode} (it applies to a sync pass)")
+        if args.lock_wait != LOCK_WAIT_DEFAULT:
+            raise ConfigError(f"--lock-wait: not with {mode} (it applies to a --since re-scan)")
     if args.until and not args.since:
         raise ConfigError("--until: needs --since")
     since = parse_time(args.since, "--since") if args.since else None
@@ -4145,9 +4388,18 @@ def _narrow_to_symbols(
     """Listed users keep the wanted symbols they list. Users with ``symbols: all`` sync every
     contract in one walk; a --since re-scan can still walk one contract of theirs."""
     narrowed = []
+    whole = [u.user_id for u in users if u.symbols == (ALL_SYMBOLS,)]
+    if whole and not repair:
+        log.warning(
+            "--symbol: %s sync%s every contract in one walk (symbols: all) and %s not narrowed; "
+            "--symbol with --since re-scans one contract of theirs",
+            ", ".join(whole),
+            "s" if len(whole) == 1 else "",
+            "is" if len(whole) == 1 else "are",
+        )
     for user in users:
         if user.symbols == (ALL_SYMBOLS,):
-            scopes = tuple(wanted) if repair else ()
+            scopes = tuple(wanted) if repair else user.symbols
         else:
             scopes = tuple(s for s in user.symbols if s in wanted)
         if scopes:
@@ -4270,6 +4522,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     environ = os.environ if environ is None else environ
     setup_logging(args.log_level, Redactor(), args.log_format, args.quiet)
     try:
+        if args.env_file:
+            environ = {**read_env_file(args.env_file), **environ}
         cfg = load_config(find_config(args.config, environ), environ)
         users = select_users(cfg, args.user, args.symbol, repair=bool(args.since))
         options = pass_options(args, cfg)
@@ -4277,7 +4531,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         ca_bundle(environ)
         loop_seconds = loop_interval(args, cfg)
     except ConfigError as exc:
-        log.error("configuration error: %s", exc, extra={"event": "config_error"})
+        for problem in getattr(exc, "problems", [str(exc)]):
+            log.error("configuration error: %s", problem, extra={"event": "config_error"})
         return EXIT_CONFIG
     redact = Redactor(cfg.secrets())
     setup_logging(args.log_level, redact, args.log_format, args.quiet)

@@ -12,7 +12,7 @@ too). Each prints its result as one JSON object on stdout; credentials come as J
         stored by Store.save_batch as a backfill stores them (1,000 per batch, each with its
         cursor) and, into the other database, one INSERT and one COMMIT per fill; timed
 
-Every client walks the fills the way weex_sync does (/work/shared/weex-api.md): v3 in windows
+Every client walks the fills the way weex_sync does (docs/weex-api.md): v3 in windows
 of at most 7 days, oldest window first, v2 in one range; a full page means "there may be more"
 (v2: nextFlag) and the next request keeps the page's far end inclusive -- endTime = its oldest
 time when pages come newest first, startTime = its newest when oldest first (read off the page)
