@@ -33,7 +33,7 @@ import weex_sync
 from pg_fallback import ensure_postgres
 from weex_sim import Simulator
 
-TABLES = ("trade_fills", "sync_status", "sync_cursor", "rejected_fills")
+TABLES = ("trade_fills", "sync_status", "sync_cursor", "rejected_fills", "sync_claims")
 HERE = Path(__file__).resolve().parent
 DAY_MS = 86_400_000
 # Test histories lie in the recent past: inside v3's 365-day horizon, before the exchange's now.
@@ -307,7 +307,13 @@ class Harness:
         self.db_name = db_name
         self.capsys = capsys
         self.accounts: list[Account] = []
-        self.sync: dict = {"start_time": START_MS - DAY_MS, "workers": 4, "symbols": [BTC]}
+        # min_interval_seconds 0: a test's passes follow one another at once (claims: test_scale)
+        self.sync: dict = {
+            "start_time": START_MS - DAY_MS,
+            "workers": 4,
+            "symbols": [BTC],
+            "min_interval_seconds": 0,
+        }
         self.weex: dict = {
             "timeout_seconds": 2,
             "max_retries": 4,
@@ -353,8 +359,8 @@ class Harness:
     def fills_requests(self, **criteria) -> int:
         return self.sim.count(path=self.api.fills_path, **criteria)
 
-    def write_config(self, data: dict | None = None) -> Path:
-        path = self.tmp_path / "config.yaml"
+    def write_config(self, data: dict | None = None, name: str = "config.yaml") -> Path:
+        path = self.tmp_path / name
         path.write_text(yaml.safe_dump(data or self.config()))
         return path
 
@@ -368,9 +374,13 @@ class Harness:
         self.log += self.last_log
         return code
 
-    def popen(self, *args: str, config: dict | None = None, env: dict | None = None):
-        """weex_sync.py as its own process, the way cron runs it; stderr is captured."""
-        process = spawn_weex_sync("-c", str(self.write_config(config)), *args, env=env)
+    def popen(
+        self, *args: str, config: dict | None = None, env: dict | None = None, name: str = ""
+    ):
+        """weex_sync.py as its own process, the way cron runs it; stderr is captured. Each
+        process reads a config file of its own (``name``: a new one unless given)."""
+        name = name or f"config-{len(self.processes)}.yaml"
+        process = spawn_weex_sync("-c", str(self.write_config(config, name)), *args, env=env)
         self.processes.append(process)
         return process
 

@@ -116,7 +116,8 @@ def main() -> None:
     config = {
         "database": {**pg, "dbname": dbname, "sslmode": "disable"},
         "weex": {"base_url": base_url},
-        "sync": {"start_time": start_ms, "users": users},  # symbols: all, the default
+        # symbols: all (the default); passes follow one another at once, not once a minute
+        "sync": {"start_time": start_ms, "min_interval_seconds": 0, "users": users},
     }
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     print(f"config written to {shown(config_path)}")

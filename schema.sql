@@ -85,6 +85,16 @@ CREATE TABLE IF NOT EXISTS rejected_fills (
 CREATE INDEX IF NOT EXISTS rejected_fills_open
     ON rejected_fills (user_id, order_id, trade_id) WHERE resolved_at IS NULL;
 
+-- Which pass works on a user, so that several processes or machines split a fleet without
+-- syncing a user twice: a pass claims a user only if no other pass claimed it within
+-- sync.min_interval_seconds; the holder renews claimed_at with every commit, and the claim of
+-- a pass that died expires by itself.
+CREATE TABLE IF NOT EXISTS sync_claims (
+    claim_key  text        PRIMARY KEY,  -- 'user <user_id>', or 'account <account>'
+    claimed_at timestamptz NOT NULL,
+    claimed_by text        NOT NULL      -- the pass id
+);
+
 -- Upgrades from weex_sync 1.x and 2.x (no-ops on a new database).
 ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS late_count integer NOT NULL DEFAULT 0;
 ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS rejected_count integer NOT NULL DEFAULT 0;

@@ -333,7 +333,7 @@ class Runner:
                 "shared_file": str(tmp_path / "ratelimit"),
             },
         }
-        self.sync: dict = {"start_time": START_MS - 1000, "workers": 4}
+        self.sync: dict = {"start_time": START_MS - 1000, "workers": 4, "min_interval_seconds": 0}
         self.processes: list[subprocess.Popen] = []
         self.log = self.out = ""
 

@@ -1068,6 +1068,7 @@ class Simulator:
             "params": dict(parse_qsl(query, keep_blank_values=True)),
             "status": response.status,
             "fault": response.fault,
+            "client": client_ip,
         }
         with self._lock:
             self.requests.append(record)

@@ -35,6 +35,7 @@ import enum
 import fcntl
 import hashlib
 import hmac
+import ipaddress
 import itertools
 import json
 import logging
@@ -129,6 +130,9 @@ class WeexConfig:
     timeout_seconds: float = 10.0
     max_retries: int = 5
     rate_limit: RateLimitConfig = RateLimitConfig()
+    # Local addresses requests may leave from (a host with several public IPs): each process
+    # takes one (choose_source_address); each has its own IP budget. Empty: the system's.
+    source_addresses: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,7 @@ class SyncConfig:
     reconcile_every_seconds: int = 86_400  # 0: no reconcile
     reconcile_window_seconds: int = 172_800
     max_seconds: int = 0  # 0: no limit
+    min_interval_seconds: int | None = None  # None: 5/6 of the pass interval; 0: no claims
     symbols: tuple[str, ...] = (ALL_SYMBOLS,)
     users: tuple[UserConfig, ...] = ()
 
@@ -197,6 +202,7 @@ WEEX_ENV = {
     "api_key": ("WEEX_API_KEY",),
     "secret_key": ("WEEX_SECRET_KEY",),
     "passphrase": ("WEEX_PASSPHRASE",),
+    "source_address": ("WEEX_SOURCE_ADDRESS",),
 }
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _MISSING = object()
@@ -228,7 +234,8 @@ def default_budget_file(environ: Mapping[str, str]) -> str:
 ENV_LINE_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)")
 # A value systemd's EnvironmentFile= and a shell's `.` read the same: unquoted without spaces
 # or shell characters, or in single quotes (literal), or in double quotes without $ ` \ ".
-ENV_PLAIN_RE = re.compile(r"[^\s'\"\\$`;&|<>()]*")
+ENV_PLAIN_RE = re.compile(r"[^\s'\"\\$`;&|<>()~]*")  # ~: the shell would expand it
+ENV_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # the readers disagree on these
 ENV_SINGLE_RE = re.compile(r"'([^']*)'")
 ENV_DOUBLE_RE = re.compile(r'"([^"$`\\]*)"')
 
@@ -246,19 +253,21 @@ def read_env_file(path: str) -> dict[str, str]:
     error naming the file and the line number, never the value (it may be a secret)."""
     try:
         with open(path, encoding="utf-8") as fh:
-            lines = fh.read().splitlines()
+            lines = fh.read().split("\n")  # only \n ends a line for both readers
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise ConfigError(f"--env-file {path}: cannot read it: {reason}") from None
     values: dict[str, str] = {}
     problems = []
     for number, line in enumerate(lines, start=1):
-        text = line.strip()
+        text = line.strip(" \t")
         if not text or text.startswith("#"):
             continue
         problem = None
         match = ENV_LINE_RE.fullmatch(text)
-        if text.startswith("export "):
+        if ENV_CONTROL_RE.search(text):
+            problem = "a control character (a carriage return: save the file with Unix line ends)"
+        elif text.startswith("export "):
             problem = "no 'export' (systemd's EnvironmentFile= does not take it): KEY=value"
         elif match is None:
             problem = "not KEY=value (no spaces around '=', KEY of letters, digits and _)"
@@ -313,6 +322,8 @@ def _read_yaml(path: str | None) -> dict:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "syntax error"
+        if isinstance(exc, yaml.constructor.ConstructorError):  # it quotes the value's tag
+            problem = "a tag (!...) weex_sync does not read"
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
     except (ValueError, UnicodeDecodeError):  # e.g. an integer of thousands of digits
         raise ConfigError(f"{path}: invalid YAML: a value cannot be read (too long?)") from None
@@ -323,11 +334,28 @@ def _read_yaml(path: str | None) -> dict:
     return data
 
 
-def _expand_env_refs(value: Any, path: str, environ: Mapping[str, str]) -> Any:
+def _expand_env_refs(
+    value: Any, path: str, environ: Mapping[str, str], done: dict[int, Any] | None = None
+) -> Any:
+    """``value`` with ${NAME} replaced. A node that YAML aliases in many places is expanded
+    once (``done``): a few hundred bytes of nested aliases must not take minutes."""
+    done = {} if done is None else done
+    if isinstance(value, (dict, list)) and id(value) in done:
+        return done[id(value)]
     if isinstance(value, dict):
-        return {k: _expand_env_refs(v, _join(path, k), environ) for k, v in value.items()}
+        out: dict = {}
+        done[id(value)] = out
+        out.update(
+            (k, _expand_env_refs(v, _join(path, k), environ, done)) for k, v in value.items()
+        )
+        return out
     if isinstance(value, list):
-        return [_expand_env_refs(v, f"{path}[{i}]", environ) for i, v in enumerate(value)]
+        items: list = []
+        done[id(value)] = items
+        items.extend(
+            _expand_env_refs(v, f"{path}[{i}]", environ, done) for i, v in enumerate(value)
+        )
+        return items
     if isinstance(value, str):
 
         def lookup(match: re.Match) -> str:
@@ -361,9 +389,10 @@ def _apply_env_overrides(raw: dict, environ: Mapping[str, str]) -> None:
 
 
 def _join(path: str, key: Any) -> str:
-    """'section.key'; keys that are not plain words are quoted, so a message stays one line."""
+    """'section.key'. A key that is not a plain word is not shown (it may hold a secret, as
+    `secret_key Hunter2` does when a colon is missing): it is named as a key that is not."""
     if not (isinstance(key, str) and re.fullmatch(r"\w{1,64}", key)):
-        return f"{path}[{repr(key)[:40]}]"
+        return f"{path} (a key that is not a plain word)"
     return f"{path}.{key}" if path else key
 
 
@@ -443,7 +472,7 @@ def _database_config(raw: dict) -> DatabaseConfig:
 def _weex_config(raw: dict, environ: Mapping[str, str]) -> WeexConfig:
     p = "weex"
     keys = {"base_url", "api_version", "api_key", "secret_key", "passphrase", "timeout_seconds"}
-    _check_keys(raw, p, keys | {"max_retries", "rate_limit"})
+    _check_keys(raw, p, keys | {"max_retries", "rate_limit", "source_address"})
     base_url = _typed(raw, p, "base_url", str, WeexConfig.base_url).rstrip("/")
     if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+(/[\x21-\x7e]*)?", base_url):
         raise ConfigError("weex.base_url: not an http(s) URL such as https://api-contract.weex.com")
@@ -462,6 +491,7 @@ def _weex_config(raw: dict, environ: Mapping[str, str]) -> WeexConfig:
     return WeexConfig(
         base_url=base_url,
         api_version=api_version,
+        source_addresses=_source_addresses(raw.get("source_address")),
         timeout_seconds=_ranged(raw, p, "timeout_seconds", float, 10.0, 0.1, 300.0),
         max_retries=_ranged(raw, p, "max_retries", int, 5, 0, 20),
         rate_limit=RateLimitConfig(
@@ -472,6 +502,25 @@ def _weex_config(raw: dict, environ: Mapping[str, str]) -> WeexConfig:
             shared_file_private=shared_file == default_budget_file(environ),
         ),
     )
+
+
+def _source_addresses(value: Any) -> tuple[str, ...]:
+    """weex.source_address: an IP address, a list of them, or (the environment variable) a
+    comma-separated list."""
+    if value in (None, "", []):
+        return ()
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise ConfigError("weex.source_address: expected an IP address or a list of them")
+    addresses = []
+    for i, item in enumerate(items):
+        try:
+            addresses.append(str(ipaddress.ip_address(str(item).strip())))
+        except ValueError:
+            raise ConfigError(f"weex.source_address[{i}]: not an IP address") from None
+    if len(set(addresses)) < len(addresses):
+        raise ConfigError("weex.source_address: an address is listed twice")
+    return tuple(addresses)
 
 
 def _symbols(value: Any, path: str) -> tuple[str, ...]:
@@ -500,7 +549,7 @@ def _sync_config(raw: dict, weex_raw: dict) -> SyncConfig:
         p,
         {"interval_seconds", "page_size", "start_time", "workers", "symbols", "users"}
         | {"lookback_seconds", "max_seconds", "reconcile_every_seconds"}
-        | {"reconcile_window_seconds"},
+        | {"reconcile_window_seconds", "min_interval_seconds"},
     )
     symbols = _symbols(raw.get("symbols", "all"), "sync.symbols")
     every = _ranged(raw, p, "reconcile_every_seconds", int, 86_400, 0, 30 * 86_400)
@@ -522,6 +571,11 @@ def _sync_config(raw: dict, weex_raw: dict) -> SyncConfig:
         lookback_seconds=_ranged(raw, p, "lookback_seconds", int, 120, 0, 86400),
         reconcile_every_seconds=every,
         reconcile_window_seconds=window,
+        min_interval_seconds=(
+            None
+            if raw.get("min_interval_seconds") is None
+            else _ranged(raw, p, "min_interval_seconds", int, 0, 0, 86400)
+        ),
         max_seconds=_ranged(raw, p, "max_seconds", int, 0, 0, 86400),
         symbols=symbols,
         users=users,
@@ -748,6 +802,8 @@ def secret_forms(secret: str) -> set[str]:
     string or printable() escape it (a backslash doubled, a control character spelled out)."""
     forms = {secret, json.dumps(secret)[1:-1], repr(secret)[1:-1], printable(secret)}
     forms.add(json.dumps(secret, ensure_ascii=False)[1:-1])
+    escaped = secret.replace("\\", "\\\\")  # repr() escapes whichever quote it picks
+    forms |= {escaped.replace("'", "\\'"), escaped.replace('"', '\\"')}
     forms |= {printable(f) for f in list(forms)}
     return {f for f in forms if f}
 
@@ -801,6 +857,7 @@ class JsonFormatter(RedactingFormatter):
         "success_count",
         "error_count",
         "skipped_count",
+        "fresh_count",
         "interrupted_count",
         "left_count",
         "error",
@@ -1299,6 +1356,7 @@ class Deadline:
         self.at = time.monotonic() + seconds
         self.stop = stop
         self.fired: str | None = None  # "deadline" or "stop", once it has fired
+        self.closed = False  # the request is over: its sockets may serve the next one
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
 
@@ -1309,6 +1367,11 @@ class Deadline:
         if fired:
             _shut(sock)
 
+    def close(self) -> None:
+        """The request is over: from now on its deadline shuts nothing down."""
+        with self._lock:
+            self.closed = True
+
     def check(self, now: float) -> None:
         reason = "stop" if self.stop is not None and self.stop.is_set() else None
         if now >= self.at:
@@ -1316,6 +1379,8 @@ class Deadline:
         if reason is None or self.fired:
             return
         with self._lock:
+            if self.closed:
+                return
             self.fired = reason
             sockets = list(self._sockets)
         for sock in sockets:
@@ -1354,6 +1419,7 @@ class Watchdog:
             yield deadline
         finally:
             self._local.deadline = None
+            deadline.close()
             with self._lock:
                 self._deadlines.discard(deadline)
 
@@ -1407,11 +1473,18 @@ class _WatchedHTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
 
 
 class WatchedAdapter(HTTPAdapter):
-    """requests' adapter whose connections report their sockets to the WATCHDOG."""
+    """requests' adapter whose connections report their sockets to the WATCHDOG, and leave
+    from ``source_address`` when one is given."""
 
     POOLS: ClassVar[dict[str, type]] = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
 
+    def __init__(self, source_address: str | None = None, **kwargs: Any) -> None:
+        self.source_address = source_address  # read by init_poolmanager, which __init__ calls
+        super().__init__(**kwargs)
+
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        if self.source_address:
+            kwargs["source_address"] = (self.source_address, 0)
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = self.POOLS
 
@@ -1508,37 +1581,53 @@ class RateLimiter:
 
     BUCKET = 0.25
 
-    def __init__(self, cfg: RateLimitConfig, host: str, margin: float = 0.5) -> None:
+    def __init__(
+        self, cfg: RateLimitConfig, host: str, source: str | None = None, margin: float = 0.5
+    ) -> None:
         self.cfg = cfg
         self.window = cfg.window_seconds + margin
-        self.ip_key = f"ip {host}"
+        self.ip_key = f"ip {host}" + (f" from {source}" if source else "")  # a budget per IP
         self._lock = threading.Lock()
         self._key_windows: Windows = {}  # per API key, this process only
         self._ip_windows: Windows = {}  # the IP budget when there is no shared file
-        self._fd = None
         self._warned = False
-        if cfg.shared_file:
-            try:
-                self._fd = open_budget_file(cfg.shared_file, private=cfg.shared_file_private)
-            except BudgetFileRefused as exc:
-                log.warning(
-                    "cannot share the rate budget through %s (%s): this process keeps its own",
-                    cfg.shared_file,
-                    exc,
-                )
+        self._fd = self._reopen() if cfg.shared_file else None
+
+    def _reopen(self) -> int | None:
+        try:
+            return open_budget_file(self.cfg.shared_file, private=self.cfg.shared_file_private)
+        except BudgetFileRefused as exc:
+            log.warning(
+                "cannot share the rate budget through %s (%s): this process keeps its own",
+                self.cfg.shared_file,
+                exc,
+            )
+            return None
+
+    def _replaced(self) -> bool:
+        """Whether the path no longer names the file this process has open."""
+        if self._fd is None:
+            return False
+        try:
+            now, held = os.stat(self.cfg.shared_file, follow_symlinks=False), os.fstat(self._fd)
+        except OSError:
+            return True
+        return (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino)
 
     def acquire(self, account: str | None, weight: int, stop: Stop | None) -> None:
         """Wait until ``weight`` fits in the IP window and the ``account``'s (None: a public
         request, the IP's only), then charge it. Interrupted on a stop."""
         uid_key = "uid " + hashlib.sha256((account or "").encode()).hexdigest()[:16]
         while True:
-            with self._lock, self._machine_windows() as machine:
+            with self._lock, self._machine_windows(stop) as machine:
                 now = time.time()
                 budgets = [(machine, self.ip_key, self.cfg.ip_weight)]
                 if account is not None:
                     budgets.append((self._key_windows, uid_key, self.cfg.uid_weight))
                 wait = self._admit(now, budgets, weight)
-                _forget_idle(machine, now - self.window)
+                # Entries are forgotten past the longest window a configuration allows, not
+                # this one's: processes of other configurations may share the file.
+                _forget_idle(machine, now - MAX_BUDGET_WINDOW)
                 if len(self._key_windows) > 64:  # a fleet has thousands of keys
                     _forget_idle(self._key_windows, now - self.window)
             if wait is None:
@@ -1550,11 +1639,14 @@ class RateLimiter:
 
     LOCK_WAIT_SECONDS = 10.0
 
-    def _lock_file(self, fd: int) -> bool:
+    def _lock_file(self, fd: int, stop: Stop | None) -> bool:
         """flock the budget file; False (this request keeps to this process's own budget, with
-        one WARNING) if another process holds it for LOCK_WAIT_SECONDS: it never hangs."""
+        one WARNING) if another process holds it for LOCK_WAIT_SECONDS: it never hangs, and a
+        stop interrupts the wait."""
         deadline = time.monotonic() + self.LOCK_WAIT_SECONDS
         while True:
+            if stop is not None and stop.is_set():
+                raise Interrupted()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return True
@@ -1577,7 +1669,6 @@ class RateLimiter:
         waits = []
         for windows, key, budget in budgets:
             entries = [e for e in windows.get(key, ()) if e[0] > now - self.window]
-            windows[key] = entries
             excess = sum(w for _, w in entries) + weight - budget
             for at, w in entries:
                 if excess <= 0:
@@ -1588,7 +1679,7 @@ class RateLimiter:
             return max(max(waits), 0.001)
         bucket = round(math.ceil(now / self.BUCKET) * self.BUCKET, 3)
         for windows, key, _ in budgets:
-            entries = windows[key]
+            entries = windows.setdefault(key, [])
             if entries and entries[-1][0] == bucket:
                 entries[-1][1] += weight
             else:
@@ -1596,33 +1687,37 @@ class RateLimiter:
         return None
 
     @contextlib.contextmanager
-    def _machine_windows(self) -> Iterator[Windows]:
-        """The IP windows of the machine: from the shared file (locked meanwhile), or this
+    def _machine_windows(self, stop: Stop | None) -> Iterator[Windows]:
+        """The IP windows of the machine: from the shared file (locked meanwhile; reopened if
+        it was replaced or removed since, so no two processes keep apart inodes), or this
         process's own when there is no file."""
         if self._fd is None:
             yield self._ip_windows
             return
-        if not self._lock_file(self._fd):
+        if not self._lock_file(self._fd, stop):
             yield self._ip_windows
             return
+        if self._replaced():
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = self._reopen()
+            if self._fd is None or not self._lock_file(self._fd, stop):
+                yield self._ip_windows
+                return
         try:
             text = os.pread(self._fd, BUDGET_FILE_LIMIT + 1, 0)
             try:
                 state = json.loads(text) if text and len(text) <= BUDGET_FILE_LIMIT else {}
             except (ValueError, RecursionError):  # torn by a kill mid-write: start afresh
                 state = {}
-            windows, discarded = valid_windows(
-                state, time.time(), self.window, self.BUCKET, self.cfg.ip_weight
-            )
+            windows, discarded = valid_windows(state, time.time(), self.BUCKET)
             if discarded and not self._warned:
                 self._warned = True
                 log.warning(
-                    "the shared rate budget file %s held %d entries that are not requests of "
-                    "the last %.0f s (written by another program, or by a clock that was "
-                    "ahead); discarded",
+                    "the shared rate budget file %s held %d entries that are not requests "
+                    "(written by another program, or by a clock that was ahead); discarded",
                     self.cfg.shared_file,
                     discarded,
-                    self.window,
                 )
             yield windows
             data = json.dumps(windows, separators=(",", ":")).encode()
@@ -1685,13 +1780,27 @@ def open_budget_file(path: str, private: bool) -> int:
     return fd
 
 
-def valid_windows(
-    state: Any, now: float, window: float, bucket: float, budget: int
-) -> tuple[Windows, int]:
-    """The entries of a budget file that are requests of the current window: [time, weight]
-    pairs of finite numbers, the time inside the window (at most one bucket ahead: a file left
-    by a clock that was ahead must not stall the next pass), the weight within the budget; and
-    how many others there were (expired entries are not counted)."""
+MAX_BUDGET_WINDOW = 3600.5  # the longest window_seconds (3600) and margin a config may have
+MAX_BUDGET_WEIGHT = 10**7  # the largest ip_weight a config may have
+
+
+def _budget_number(value: Any) -> float | None:
+    """A JSON number as a finite float, or None (a 400-digit integer is no number here)."""
+    if type(value) not in (int, float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def valid_windows(state: Any, now: float, bucket: float) -> tuple[Windows, int]:
+    """The entries of a budget file that are requests: [time, weight] pairs of finite numbers,
+    the time at most one bucket ahead (a file left by a clock that was ahead must not stall the
+    next pass) and within the longest window any configuration may use (other configurations
+    may share the file), the weight positive and at most the largest budget; and how many
+    others there were (expired entries are not counted)."""
     windows: Windows = {}
     discarded = 0
     if not isinstance(state, dict):
@@ -1702,19 +1811,64 @@ def valid_windows(
             continue
         kept = []
         for entry in entries:
-            if not (
-                isinstance(entry, list)
-                and len(entry) == 2
-                and all(type(x) in (int, float) and math.isfinite(x) for x in entry)
-                and entry[0] <= now + 2 * bucket
-                and 0 < entry[1] <= budget
+            at, weight = (
+                (_budget_number(entry[0]), _budget_number(entry[1]))
+                if isinstance(entry, list) and len(entry) == 2
+                else (None, None)
+            )
+            if (
+                at is None
+                or weight is None
+                or at > now + 2 * bucket
+                or not 0 < weight <= MAX_BUDGET_WEIGHT
             ):
                 discarded += 1
-            elif entry[0] > now - window:
-                kept.append([float(entry[0]), entry[1]])
+            elif at > now - MAX_BUDGET_WINDOW:
+                kept.append([at, weight])
         if kept:
             windows[key] = sorted(kept)
     return windows, discarded
+
+
+def make_limiter(cfg: WeexConfig) -> RateLimiter:
+    source = cfg.source_addresses[0] if cfg.source_addresses else None
+    return RateLimiter(cfg.rate_limit, urlsplit(cfg.base_url).netloc, source)
+
+
+@contextlib.contextmanager
+def taking_source_address(cfg: WeexConfig) -> Iterator[WeexConfig]:
+    """The configuration with the one source address this process uses: of several, the first
+    that no other weex_sync process of this user holds (an flock next to the budget file, held
+    while the block runs), so N processes spread over N addresses; with all taken, the first,
+    which then shares its budget through the budget file."""
+    if len(cfg.source_addresses) <= 1:
+        yield cfg
+        return
+    directory = Path(cfg.rate_limit.shared_file or default_budget_file(os.environ)).parent
+    held = None
+    for address in cfg.source_addresses:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(directory / f"source-{address}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        held = (fd, address)
+        break
+    if held is None:
+        log.warning(
+            "every weex.source_address is taken by another weex_sync process; sharing %s",
+            cfg.source_addresses[0],
+        )
+    try:
+        yield replace(cfg, source_addresses=(held[1] if held else cfg.source_addresses[0],))
+    finally:
+        if held:
+            os.close(held[0])
 
 
 def _forget_idle(windows: Windows, before: float) -> None:
@@ -1727,7 +1881,12 @@ def make_session(cfg: WeexConfig, pool_size: int = 4) -> requests.Session:
     """Connection pooling and TLS settings only. Retries are FillsClient's (every attempt freshly
     signed and charged to the budget); redirects are never followed (see fetch)."""
     session = requests.Session()
-    adapter = WatchedAdapter(max_retries=0, pool_connections=pool_size, pool_maxsize=pool_size)
+    adapter = WatchedAdapter(
+        source_address=cfg.source_addresses[0] if cfg.source_addresses else None,
+        max_retries=0,
+        pool_connections=pool_size,
+        pool_maxsize=pool_size,
+    )
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     session.headers.update({"Content-Type": "application/json", "locale": "en-US"})
@@ -2724,6 +2883,16 @@ CREATE TABLE IF NOT EXISTS rejected_fills (
 CREATE INDEX IF NOT EXISTS rejected_fills_open
     ON rejected_fills (user_id, order_id, trade_id) WHERE resolved_at IS NULL;
 
+-- Which pass works on a user, so that several processes or machines split a fleet without
+-- syncing a user twice: a pass claims a user only if no other pass claimed it within
+-- sync.min_interval_seconds; the holder renews claimed_at with every commit, and the claim of
+-- a pass that died expires by itself.
+CREATE TABLE IF NOT EXISTS sync_claims (
+    claim_key  text        PRIMARY KEY,  -- 'user <user_id>', or 'account <account>'
+    claimed_at timestamptz NOT NULL,
+    claimed_by text        NOT NULL      -- the pass id
+);
+
 -- Upgrades from weex_sync 1.x and 2.x (no-ops on a new database).
 ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS late_count integer NOT NULL DEFAULT 0;
 ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS rejected_count integer NOT NULL DEFAULT 0;
@@ -2813,6 +2982,23 @@ SELECT %(user_id)s, *
 ON CONFLICT (user_id, fingerprint) DO UPDATE
    SET last_seen = now(), seen_count = rejected_fills.seen_count + 1, reason = EXCLUDED.reason
 RETURNING id
+"""
+# Claim those of the keys that no other pass claimed within %(interval)s seconds (this pass may
+# claim again what it holds); returns the keys claimed.
+CLAIM_SQL = """
+INSERT INTO sync_claims AS c (claim_key, claimed_at, claimed_by)
+SELECT key, now(), %(by)s FROM unnest(%(keys)s::text[]) AS key
+ON CONFLICT (claim_key) DO UPDATE SET claimed_at = now(), claimed_by = EXCLUDED.claimed_by
+ WHERE c.claimed_at <= now() - make_interval(secs => %(interval)s) OR c.claimed_by = %(by)s
+RETURNING claim_key
+"""
+RENEW_CLAIM_SQL = """
+UPDATE sync_claims SET claimed_at = now() WHERE claim_key = %s AND claimed_by = %s
+"""
+# Claims of users the pass did not get to (its time limit): free for the next pass at once.
+RELEASE_CLAIMS_SQL = """
+UPDATE sync_claims SET claimed_at = '-infinity'
+ WHERE claim_key = ANY(%(keys)s) AND claimed_by = %(by)s
 """
 SAVE_CURSOR_SQL = """
 INSERT INTO sync_cursor (user_id, symbol, synced_through, walk_end, walk_target, last_end,
@@ -3134,10 +3320,26 @@ class Store:
         return (Cursor(*row) if row else None), newest
 
     def last_synced(self) -> dict[tuple[str, str], dt.datetime]:
-        """When each pair's cursor last moved: the pass starts with the stalest."""
+        """When each pair's cursor last moved."""
         with self.transaction() as cur:
             cur.execute("SELECT user_id, symbol, updated_at FROM sync_cursor")
             return {(u, s): t for u, s, t in cur.fetchall()}
+
+    def last_claimed(self) -> dict[str, dt.datetime]:
+        """When each user (or account) was last claimed: the pass starts with the stalest."""
+        with self.transaction() as cur:
+            cur.execute("SELECT claim_key, claimed_at FROM sync_claims")
+            return dict(cur.fetchall())
+
+    def claim(self, keys: list[str], pass_id: str, interval: int) -> set[str]:
+        """The keys this pass now holds (see CLAIM_SQL)."""
+        with self.transaction() as cur:
+            cur.execute(CLAIM_SQL, {"keys": keys, "by": pass_id, "interval": interval})
+            return {row[0] for row in cur.fetchall()}
+
+    def release(self, keys: list[str], pass_id: str) -> None:
+        with self.transaction() as cur:
+            cur.execute(RELEASE_CLAIMS_SQL, {"keys": keys, "by": pass_id})
 
     def save_batch(
         self,
@@ -3146,6 +3348,7 @@ class Store:
         batch: Batch,
         cursor: Cursor | None,
         late_before: int | None,
+        claim: tuple[str, str] | None = None,
     ) -> Saved:
         """Insert the batch's fills, quarantine its rejected ones and the corrections it holds
         (a fill whose (order, trade) is stored with other contents or another time: the
@@ -3199,8 +3402,9 @@ class Store:
                         cursor.reconciled_at,
                     ),
                 )
-        rejected = _distinct_rejected(rejected)
-        return Saved(inserted, late, still_open, rejected)
+            if claim is not None:  # the claim of a pass at work does not expire
+                cur.execute(RENEW_CLAIM_SQL, claim)
+        return Saved(inserted, late, still_open, _distinct_rejected(rejected))
 
     @staticmethod
     def _quarantine(
@@ -3277,10 +3481,16 @@ class PassOptions:
     until: int | None = None
     lock_wait: float = 60.0
     max_seconds: float = 0.0
+    min_interval: int = 0  # claim a user only if no pass claimed it this recently (0: no claims)
 
     @property
     def repair(self) -> bool:
         return self.since is not None
+
+    @property
+    def claims(self) -> bool:
+        """Whether the pass claims users: a normal pass does; a re-scan or a dry run does not."""
+        return self.min_interval > 0 and not (self.repair or self.dry_run)
 
 
 @dataclass
@@ -3289,7 +3499,9 @@ class Outcome:
 
     user_id: str
     symbol: str
-    status: str = "success"  # success | error | skipped | interrupted | left (time limit)
+    # success | error | skipped (locked by another pass) | interrupted | left (time limit) |
+    # fresh (another pass claimed its user within sync.min_interval_seconds)
+    status: str = "success"
     fetched: int = 0
     inserted: int = 0
     late: int = 0
@@ -3398,6 +3610,8 @@ class Outcome:
                 self.name,
                 extra={"event": "skipped", **fields},
             )
+        elif self.status == "fresh":
+            log.debug("%s: claimed by another pass a moment ago; not synced again", self.name)
         else:
             log.debug("%s: left for the next pass (time limit)", self.name)
 
@@ -3535,6 +3749,7 @@ def walk_and_store(
         plan = plan_walk(cursor, newest, CursorRule.of(sync), client.api, end)
     log_plan(plan, cursor, outcome, client.api)
     moves_cursor = not (options.repair or options.dry_run)
+    claim = (claim_key(client.user), ctx.pass_id) if options.claims else None
     stored = cursor
     progress = Progress(outcome)
     walk = Walk(client, outcome.symbol, plan, sync.page_size)
@@ -3551,6 +3766,7 @@ def walk_and_store(
                     batch,
                     batch.cursor if moves_cursor else None,
                     plan.late_before,
+                    claim,
                 )
                 outcome.inserted += saved.inserted
                 outcome.late += saved.late
@@ -3596,20 +3812,59 @@ def log_plan(plan: WalkPlan, cursor: Cursor | None, outcome: Outcome, api: Api) 
         )
 
 
+def claim_key(user: UserConfig) -> str:
+    """What a pass claims: the user, or the WEEX account its key belongs to (one budget)."""
+    return f"account {user.account}" if user.account else f"user {user.user_id}"
+
+
 def stalest_first(db: DatabaseConfig, users: list[UserConfig]) -> list[UserConfig]:
-    """Users whose pairs were synced least recently first (never synced: before all), so a
-    pass cut short by --max-seconds leaves the freshest for the next one."""
+    """Users synced (or claimed) least recently first (never: before all), so a pass cut short
+    by --max-seconds leaves the freshest for the next one, and passes of several machines meet
+    the same order."""
     store = Store(db)
     try:
-        synced = store.last_synced()
+        claimed, synced = store.last_claimed(), store.last_synced()
     finally:
         store.close()
     never = dt.datetime.min.replace(tzinfo=dt.UTC)
 
     def staleness(user: UserConfig) -> dt.datetime:
-        return min(synced.get((user.user_id, s), never) for s in user.symbols)
+        moved = min(synced.get((user.user_id, s), never) for s in user.symbols)
+        return max(claimed.get(claim_key(user), never), moved)
 
     return sorted(users, key=staleness)
+
+
+class Claims:
+    """The users this pass holds. Claimed a chunk at a time just ahead of the workers, in the
+    pass's order (one statement per chunk of as many users as there are workers: a few
+    transactions fewer than one per user, and never much more claimed than the workers are
+    about to sync, which other passes would then have to leave alone), never a user another
+    pass claimed within ``min_interval`` seconds."""
+
+    def __init__(self, ctx: PassContext, users: list[UserConfig]) -> None:
+        self.ctx = ctx
+        self.chunk = max(1, ctx.cfg.sync.workers)
+        self.keys = list(dict.fromkeys(claim_key(u) for u in users))
+        self.position = {key: i for i, key in enumerate(self.keys)}
+        self.held: dict[str, bool] = {}
+        self._lock = threading.Lock()
+
+    def holds(self, user: UserConfig, store: Store) -> bool:
+        key = claim_key(user)
+        with self._lock:
+            if key not in self.held:
+                ahead = self.keys[self.position[key] :]
+                chunk = [k for k in ahead if k not in self.held][: self.chunk]
+                got = store.claim(chunk, self.ctx.pass_id, self.ctx.options.min_interval)
+                self.held.update((k, k in got) for k in chunk)
+            return self.held[key]
+
+    def release(self, users: Iterable[UserConfig], store: Store) -> None:
+        keys = [claim_key(u) for u in users if self.held.get(claim_key(u))]
+        if keys:
+            with contextlib.suppress(SyncError):
+                store.release(keys, self.ctx.pass_id)
 
 
 def log_pass_start(ctx: PassContext, users: list[UserConfig]) -> None:
@@ -3647,7 +3902,7 @@ def log_pass_summary(ctx: PassContext, outcomes: list[Outcome], seconds: float) 
         )
     counts = {
         s: sum(o.status == s for o in outcomes)
-        for s in ("success", "error", "skipped", "interrupted", "left")
+        for s in ("success", "error", "skipped", "interrupted", "left", "fresh")
     }
     totals = {
         "fetched": sum(o.fetched for o in outcomes),
@@ -3656,6 +3911,11 @@ def log_pass_summary(ctx: PassContext, outcomes: list[Outcome], seconds: float) 
         "requests": sum(o.requests for o in outcomes),
     }
     left = f"; {counts['left']} left for the next pass (time limit)" if counts["left"] else ""
+    if counts["fresh"]:
+        left += (
+            f"; {counts['fresh']} fresh (another pass claimed them within the last "
+            f"{ctx.options.min_interval} s)"
+        )
     log.log(
         logging.ERROR if counts["error"] else logging.INFO,
         "pass %s finished in %.1fs: %d ok, %d failed, %d skipped, %d interrupted%s; "
@@ -3697,19 +3957,25 @@ class SyncPass:
         self.deadline = (
             time.monotonic() + ctx.options.max_seconds if ctx.options.max_seconds else None
         )
+        self.claims: Claims | None = None
         self._local = threading.local()
         self._workers: list[Worker] = []
         self._workers_lock = threading.Lock()
 
     def run(self, users: list[UserConfig]) -> list[Outcome]:
         started = time.monotonic()
-        self.ctx.clock.ensure_measured(
-            self.cfg.weex, APIS[self.cfg.weex.api_version], self.ctx.limiter, self.ctx.stop
-        )
+        with contextlib.suppress(Interrupted), signals_interrupt():
+            self.ctx.clock.ensure_measured(
+                self.cfg.weex, APIS[self.cfg.weex.api_version], self.ctx.limiter, self.ctx.stop
+            )
         users = stalest_first(self.cfg.database, users)
+        self.claims = Claims(self.ctx, users) if self.ctx.options.claims else None
         log_pass_start(self.ctx, users)
         try:
             outcomes = self._run_pool(users)
+            if self.claims is not None:  # users left by the time limit: free them at once
+                left = {o.user_id for o in outcomes if o.status == "left"}
+                self.claims.release([u for u in users if u.user_id in left], self._worker().store)
         finally:
             for worker in self._workers:
                 worker.close()
@@ -3750,10 +4016,17 @@ class SyncPass:
         an unreachable exchange fails every pair still waiting, with the same message."""
         outcomes: list[Outcome] = []
         user_error: SyncError | None = None
+        if self.claims is not None and not self._past_deadline():
+            try:
+                held = self.claims.holds(user, self._worker().store)
+            except SyncError as exc:
+                held, user_error = True, exc  # every pair of the user fails with it
+            if not held:  # another pass synced it within min_interval, or is at it
+                return [Outcome(user.user_id, scope, status="fresh") for scope in user.symbols]
         for scope in user.symbols:
             if self.ctx.stop.is_set():
                 break
-            if self.deadline is not None and time.monotonic() > self.deadline:
+            if self._past_deadline():
                 outcome = Outcome(user.user_id, scope, status="left")
             elif user_error or self.ctx.host.unreachable:
                 outcome = Outcome(user.user_id, scope)
@@ -3765,6 +4038,9 @@ class SyncPass:
             self._report(outcome)
             outcomes.append(outcome)
         return outcomes
+
+    def _past_deadline(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
 
     def _report(self, outcome: Outcome) -> None:
         """A status row and a log line; a failure to record never stops the pass."""
@@ -3889,7 +4165,11 @@ def print_status(cfg: Config, users: list[UserConfig], as_json: bool, max_age: i
         rows = pair_status(conn, cfg, users)
     finally:
         conn.close()
-    verdicts = {(r["user_id"], r["symbol"]): health(r, max_age) for r in rows} if max_age else {}
+    verdicts = (
+        {(r["user_id"], r["symbol"]): health(r, max_age) for r in rows}
+        if max_age is not None
+        else {}
+    )
     code = EXIT_SYNC_FAILED if any(verdicts.values()) else EXIT_OK
     if as_json:
         print(json.dumps([_status_json(r, verdicts) for r in rows], indent=2))
@@ -3961,37 +4241,48 @@ CHECK_VERDICTS = {
 }
 
 
-def check_user(
-    cfg: Config,
-    user: UserConfig,
-    clock: ServerClock,
-    limiter: RateLimiter,
-    host: HostWatch,
-) -> list[tuple[str, SyncError | None]]:
-    """Per symbol of the user (or its one all-contracts request): None if a signed fills
-    request (limit 1, the last hour) succeeds, else why not. An error of the user's (its
-    credentials, its key's access) or an unreachable exchange fails the rest without requests,
-    as in a pass."""
-    session = make_session(cfg.weex, pool_size=1)
-    client = FillsClient(cfg.weex, user, session, clock, limiter, Stop(), host)
-    results: list[tuple[str, SyncError | None]] = []
-    failed: SyncError | None = None
-    try:
-        for scope in user.symbols:
-            failed = failed or host.unreachable
-            if failed is not None:
-                results.append((scope, failed))
-                continue
-            end = clock.now_ms()
-            try:
-                client.page(scope, end - 3_600_000, end, 1)
-                results.append((scope, None))
-            except SyncError as exc:
-                results.append((scope, exc))
-                failed = exc if exc.user_wide else None
-    finally:
-        session.close()
-    return results
+class CheckRun:
+    """What the users checked in parallel share: the clock, the budget, and whether the
+    exchange has been found down (then the rest fail at once, with the same message)."""
+
+    def __init__(self, cfg: Config, stop: Stop) -> None:
+        self.cfg, self.stop = cfg, stop
+        self.limiter = make_limiter(cfg.weex)
+        self.clock, self.host = ServerClock(), HostWatch()
+        self.down: SyncError | None = None
+
+    def user(self, user: UserConfig) -> list[tuple[str, SyncError | None]]:
+        """Per symbol of the user (or its one all-contracts request): None if a signed fills
+        request (limit 1, the last hour) succeeds, else why not. An error of the user's (its
+        credentials, its key's access) fails the rest of its symbols without requests; an
+        exchange that does not answer, every user's."""
+        session = make_session(self.cfg.weex, pool_size=1)
+        client = FillsClient(
+            self.cfg.weex, user, session, self.clock, self.limiter, Stop(self.stop), self.host
+        )
+        results: list[tuple[str, SyncError | None]] = []
+        failed: SyncError | None = None
+        try:
+            for scope in user.symbols:
+                failed = failed or self.down
+                if failed is not None:
+                    results.append((scope, failed))
+                    continue
+                end = self.clock.now_ms()
+                try:
+                    client.page(scope, end - 3_600_000, end, 1)
+                    results.append((scope, None))
+                except SyncError as exc:
+                    results.append((scope, exc))
+                    failed = exc if exc.user_wide else None
+                    if exc.kind in HOST_ERRORS:
+                        self.down = self.down or exc
+        finally:
+            session.close()
+        return results
+
+
+HOST_ERRORS = frozenset({"exchange", "unreachable", "rate_limit"})  # not this user's doing
 
 
 def run_check(cfg: Config, users: list[UserConfig], redact: Redactor) -> int:
@@ -4003,12 +4294,25 @@ def run_check(cfg: Config, users: list[UserConfig], redact: Redactor) -> int:
         latest = {(r["user_id"], r["symbol"]): r for r in pair_status(conn, cfg, users)}
     finally:
         conn.close()
-    limiter = RateLimiter(cfg.weex.rate_limit, urlsplit(cfg.weex.base_url).netloc)
-    clock, host = ServerClock(), HostWatch()
-    clock.ensure_measured(cfg.weex, APIS[cfg.weex.api_version], limiter)
-    workers = max(1, min(cfg.sync.workers, len(users)))
-    with ThreadPoolExecutor(workers, thread_name_prefix="check") as pool:
-        checked = list(pool.map(lambda u: check_user(cfg, u, clock, limiter, host), users))
+    stop, busy = Stop(), threading.Event()
+    handlers = install_stop_handlers(stop, busy)
+    run = CheckRun(cfg, stop)
+    try:
+        with contextlib.suppress(Interrupted), signals_interrupt():
+            run.clock.ensure_measured(cfg.weex, APIS[cfg.weex.api_version], run.limiter, stop)
+        try:
+            run.clock.walk_end()
+        except ExchangeError as exc:
+            run.down = exc  # every pass would fail with it
+        workers = max(1, min(cfg.sync.workers, len(users)))
+        with ThreadPoolExecutor(workers, thread_name_prefix="check") as pool:
+            checked = list(pool.map(run.user, users))
+    except Interrupted:
+        print("check interrupted by a stop signal")
+        return EXIT_SYNC_FAILED
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     table, problems = [], []
     for user, results in zip(users, checked, strict=True):
         told: set[str] = set()
@@ -4017,6 +4321,8 @@ def run_check(cfg: Config, users: list[UserConfig], redact: Redactor) -> int:
             verdict = "ok"
             if error is not None:
                 verdict = CHECK_VERDICTS.get(error.kind, "FAILED") + " (below)"
+                if error is run.down and error.kind == "exchange":
+                    verdict = "EXCHANGE FAILED (below)"
                 message = printable(redact(str(error)))
                 where = user.user_id if error.user_wide else f"{user.user_id}/{scope}"
                 if message not in told:
@@ -4111,7 +4417,7 @@ class Metrics:
             if o.status in ("success", "error"):
                 values["weex_sync_last_sync_duration_seconds"][labels] = o.duration_ms / 1000
         values["weex_sync_passes_total"][""] = values["weex_sync_passes_total"].get("", 0) + 1
-        for status in ("success", "error", "skipped", "interrupted", "left"):
+        for status in ("success", "error", "skipped", "interrupted", "left", "fresh"):
             count = sum(o.status == status for o in outcomes)
             values["weex_sync_pass_pairs"][_labels(outcome=status)] = count
         values["weex_sync_pass_duration_seconds"][""] = round(seconds, 3)
@@ -4264,6 +4570,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="start no new pair after N seconds; the next pass starts with those left "
         "(default sync.max_seconds, 0 = no limit)",
     )
+    parser.add_argument(
+        "--min-interval",
+        type=int,
+        metavar="N",
+        help="claim only users no pass claimed within N seconds (default "
+        "sync.min_interval_seconds; 0: sync every selected user)",
+    )
     parser.add_argument("--json", action="store_true", help="with --status: print JSON")
     parser.add_argument(
         "--max-age",
@@ -4320,10 +4633,11 @@ PASS_FLAGS = {
     "max_seconds": "--max-seconds",
     "metrics_file": "--metrics-file",
     "loop": "--loop",
+    "min_interval": "--min-interval",
 }
 
 
-def pass_options(args: argparse.Namespace, cfg: Config) -> PassOptions:
+def pass_options(args: argparse.Namespace, cfg: Config, loop_seconds: int | None) -> PassOptions:
     mode = "--check" if args.check else "--status" if args.status else None
     if mode is not None:
         for name, flag in PASS_FLAGS.items():
@@ -4346,12 +4660,20 @@ def pass_options(args: argparse.Namespace, cfg: Config) -> PassOptions:
     max_seconds = cfg.sync.max_seconds if args.max_seconds is None else args.max_seconds
     if not 0 <= max_seconds <= 86400:
         raise ConfigError("--max-seconds: out of range 0..86400")
+    min_interval = args.min_interval
+    if min_interval is not None and not 0 <= min_interval <= 86400:
+        raise ConfigError("--min-interval: out of range 0..86400")
+    if min_interval is None:
+        min_interval = cfg.sync.min_interval_seconds
+    if min_interval is None:  # a little under the interval passes come at
+        min_interval = (loop_seconds or cfg.sync.interval_seconds) * 5 // 6
     return PassOptions(
         dry_run=args.dry_run,
         since=since,
         until=until,
         lock_wait=args.lock_wait,
         max_seconds=max_seconds,
+        min_interval=min_interval,
     )
 
 
@@ -4361,6 +4683,8 @@ def select_users(
     """The enabled users, restricted by --user / --symbol. Values given on the command line are
     not echoed unless they name something configured (one could be a mistyped secret)."""
     users = [u for u in cfg.sync.users if u.enabled]
+    if not users:
+        raise ConfigError("sync.users: no user is enabled (enabled: false for every one)")
     if user_ids:
         known = {u.user_id: u for u in cfg.sync.users}
         for user_id in user_ids:
@@ -4443,8 +4767,24 @@ def install_stop_handlers(stop: Stop, busy: threading.Event) -> dict[int, Any]:
             log.warning("%s received: finishing the current batches (again: stop at once)", name)
         else:
             log.warning("%s received: stopping", name)
+        if SIGNALS_INTERRUPT.is_set():  # the main thread is in a call nothing else wakes
+            raise Interrupted()
 
     return {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+# Set while the main thread makes a request outside the pool (the exchange's clock): a socket
+# still connecting is not yet the watchdog's to shut, so the stop signal raises instead.
+SIGNALS_INTERRUPT = threading.Event()
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    SIGNALS_INTERRUPT.set()
+    try:
+        yield
+    finally:
+        SIGNALS_INTERRUPT.clear()
 
 
 def prepare_database(cfg: Config) -> Conn:
@@ -4476,7 +4816,7 @@ def run_passes(
     """One pass, or a pass every ``loop_seconds`` until a stop. The clock offset and the rate
     budget live as long as the process: a pass does not forget the last one's requests."""
     clock = ServerClock()
-    limiter = RateLimiter(cfg.weex.rate_limit, urlsplit(cfg.weex.base_url).netloc)
+    limiter = make_limiter(cfg.weex)
     busy = threading.Event()
     handlers = install_stop_handlers(stop, busy)
     passes = 0
@@ -4526,10 +4866,10 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             environ = {**read_env_file(args.env_file), **environ}
         cfg = load_config(find_config(args.config, environ), environ)
         users = select_users(cfg, args.user, args.symbol, repair=bool(args.since))
-        options = pass_options(args, cfg)
-        max_age = parse_age(args.max_age, "--max-age") if args.max_age else None
-        ca_bundle(environ)
         loop_seconds = loop_interval(args, cfg)
+        options = pass_options(args, cfg, loop_seconds)
+        max_age = parse_age(args.max_age, "--max-age") if args.max_age is not None else None
+        ca_bundle(environ)
     except ConfigError as exc:
         for problem in getattr(exc, "problems", [str(exc)]):
             log.error("configuration error: %s", problem, extra={"event": "config_error"})
@@ -4537,6 +4877,21 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     redact = Redactor(cfg.secrets())
     setup_logging(args.log_level, redact, args.log_format, args.quiet)
     warn_if_plain_http(cfg.weex.base_url)
+    with taking_source_address(cfg.weex) as weex:
+        cfg = replace(cfg, weex=weex)
+        return run_command(args, cfg, users, options, max_age, loop_seconds, redact)
+
+
+def run_command(
+    args: argparse.Namespace,
+    cfg: Config,
+    users: list[UserConfig],
+    options: PassOptions,
+    max_age: int | None,
+    loop_seconds: int | None,
+    redact: Redactor,
+) -> int:
+    """--status, --check, or the passes."""
     if args.status or args.check:
         try:
             if args.status:

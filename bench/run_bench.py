@@ -770,7 +770,8 @@ class Runner:
         config = {
             "database": {**PG, "password": "", "dbname": dbname, "sslmode": "disable"},
             "weex": {"base_url": self.sim.base_url, "timeout_seconds": 30},
-            "sync": {"start_time": self.days_ago(self.sc.start_days)},
+            # runs follow one another at once: no claims, unless a step's config sets them
+            "sync": {"start_time": self.days_ago(self.sc.start_days), "min_interval_seconds": 0},
         }
         config = merge(merge(config, {"weex": {"rate_limit": HIGH_LIMITS}}), step.config)
         limits = config["weex"]["rate_limit"]

@@ -85,6 +85,7 @@ def answer(sim: Simulator, command: dict) -> dict:
                 r["t"] for r in records if r["path"] in FILLS and r["status"] == 200
             ],
             "status_429": sum(r["status"] == 429 for r in records),
+            "fills_by_client": dict(Counter(r["client"] for r in records if r["path"] in FILLS)),
         }
     else:
         raise ValueError(f"unknown command {name!r}")
