@@ -33,7 +33,14 @@ import weex_sync
 from pg_fallback import ensure_postgres
 from weex_sim import Simulator
 
-TABLES = ("trade_fills", "sync_status", "sync_cursor", "rejected_fills", "sync_claims")
+TABLES = (
+    "trade_fills",
+    "sync_status",
+    "sync_latest",
+    "sync_cursor",
+    "rejected_fills",
+    "sync_claims",
+)
 HERE = Path(__file__).resolve().parent
 DAY_MS = 86_400_000
 # Test histories lie in the recent past: inside v3's 365-day horizon, before the exchange's now.
@@ -193,6 +200,7 @@ class Database:
 def db(pg: dict, test_db_name: str) -> Database:
     database = Database(pg, test_db_name)
     weex_sync.ensure_schema(database.conn)  # so a test may poll the tables before a pass ran
+    weex_sync.maintain_partitions(database.conn)
     database.rows(f"TRUNCATE {', '.join(TABLES)}")
     yield database
     database.close()

@@ -1,4 +1,6 @@
 -- weex_sync schema (python weex_sync.py --print-schema); weex_sync creates it when missing.
+-- sync_status is partitioned by day: a pass creates the partitions it writes to (and drops
+-- those older than sync.status_retention_days), so apply this file and then run a pass.
 
 -- One row per fill, exactly as the exchange reported it (raw) plus typed columns.
 CREATE TABLE IF NOT EXISTS trade_fills (
@@ -18,10 +20,16 @@ CREATE TABLE IF NOT EXISTS trade_fills (
 );
 CREATE INDEX IF NOT EXISTS trade_fills_user_symbol_time
     ON trade_fills (user_id, symbol, trade_time DESC);
+CREATE INDEX IF NOT EXISTS trade_fills_user_time ON trade_fills (user_id, trade_time);
+CREATE INDEX IF NOT EXISTS trade_fills_time ON trade_fills USING brin (trade_time);
+CREATE INDEX IF NOT EXISTS trade_fills_time_utc ON trade_fills USING brin ((to_timestamp(trade_time / 1000.0)));
 
 -- Append-only: one row per (user, symbol) per pass; symbol '*' for sync.symbols: all.
+-- Partitioned by day of last_sync_time (sync_status_pYYYYMMDD; an upgraded table is the
+-- partition sync_status_until_YYYYMMDD): retention drops whole days, never deletes rows.
+CREATE SEQUENCE IF NOT EXISTS sync_status_id_seq;
 CREATE TABLE IF NOT EXISTS sync_status (
-    id              bigserial   PRIMARY KEY,
+    id              bigint      NOT NULL DEFAULT nextval('sync_status_id_seq'),
     pass_id         text        NOT NULL,
     user_id         text        NOT NULL,
     symbol          text        NOT NULL,
@@ -31,7 +39,8 @@ CREATE TABLE IF NOT EXISTS sync_status (
     fetched_count   integer     NOT NULL,    -- fills received this pass
     requests_count  integer     NOT NULL,    -- HTTP requests sent, retries included
     duration_ms     integer     NOT NULL,
-    status          text        NOT NULL CHECK (status IN ('success', 'error')),
+    status          text        NOT NULL
+                    CONSTRAINT sync_status_status_check CHECK (status IN ('success', 'error')),
     error_message   text,
     late_count      integer     NOT NULL DEFAULT 0, -- of records_count: fills that became
                                                     -- visible after a walk had read their time
@@ -40,10 +49,31 @@ CREATE TABLE IF NOT EXISTS sync_status (
                                             -- cursor's last walk end minus the lookback
     error_kind      text                    -- credentials, access, symbol, rejected_fills,
                                             -- exchange, unreachable, rate_limit, database, ...
+) PARTITION BY RANGE (last_sync_time);
+ALTER SEQUENCE sync_status_id_seq OWNED BY sync_status.id;
+-- The latest status of each pair, and its last success: written with every status row (the
+-- same statement), so --status costs the same however long a pair has failed, and a last
+-- success stays known after retention dropped its row.
+CREATE TABLE IF NOT EXISTS sync_latest (
+    user_id           text        NOT NULL,
+    symbol            text        NOT NULL,
+    status_id         bigint      NOT NULL,  -- sync_status.id of the latest row
+    pass_id           text        NOT NULL,
+    last_sync_time    timestamptz NOT NULL,
+    last_trade_time   bigint,
+    records_count     integer     NOT NULL,
+    fetched_count     integer     NOT NULL,
+    requests_count    integer     NOT NULL,
+    duration_ms       integer     NOT NULL,
+    status            text        NOT NULL,
+    error_message     text,
+    late_count        integer     NOT NULL,
+    rejected_count    integer     NOT NULL,
+    synced_through    bigint,
+    error_kind        text,
+    last_success_time timestamptz,           -- the latest row with status 'success'
+    PRIMARY KEY (user_id, symbol)
 );
-CREATE INDEX IF NOT EXISTS sync_status_last_sync_time ON sync_status (last_sync_time DESC);
-CREATE INDEX IF NOT EXISTS sync_status_user_symbol
-    ON sync_status (user_id, symbol, last_sync_time DESC);
 
 -- The incremental cursor, written in the same transaction as the fills it covers.
 -- Every fill with trade_time < synced_through has been read, except while walk_end is set:
@@ -96,12 +126,27 @@ CREATE TABLE IF NOT EXISTS sync_claims (
 );
 
 -- Upgrades from weex_sync 1.x and 2.x (no-ops on a new database).
-ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS late_count integer NOT NULL DEFAULT 0;
-ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS rejected_count integer NOT NULL DEFAULT 0;
-ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS synced_through bigint;
-ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS error_kind text;
 ALTER TABLE sync_cursor ADD COLUMN IF NOT EXISTS last_end bigint;
 ALTER TABLE sync_cursor ADD COLUMN IF NOT EXISTS reconciled_at bigint;
+WITH RECURSIVE pairs AS (
+    (SELECT user_id, symbol FROM sync_status ORDER BY user_id, symbol LIMIT 1)
+    UNION ALL
+    SELECT later.user_id, later.symbol FROM pairs CROSS JOIN LATERAL (
+        SELECT user_id, symbol FROM sync_status s
+         WHERE (s.user_id, s.symbol) > (pairs.user_id, pairs.symbol)
+         ORDER BY user_id, symbol LIMIT 1) later
+)
+INSERT INTO sync_latest (user_id, symbol, status_id, pass_id, last_sync_time, last_trade_time, records_count, fetched_count, requests_count, duration_ms, status, error_message, late_count, rejected_count, synced_through, error_kind, last_success_time)
+SELECT pairs.user_id, pairs.symbol, latest.id, pass_id, last_sync_time, last_trade_time, records_count, fetched_count, requests_count, duration_ms, status, error_message, late_count, rejected_count, synced_through, error_kind, success.last_success_time
+  FROM pairs
+ CROSS JOIN LATERAL (
+        SELECT * FROM sync_status s WHERE s.user_id = pairs.user_id AND s.symbol = pairs.symbol
+         ORDER BY s.last_sync_time DESC, s.id DESC LIMIT 1) latest
+  LEFT JOIN LATERAL (
+        SELECT s.last_sync_time AS last_success_time FROM sync_status s
+         WHERE s.user_id = pairs.user_id AND s.symbol = pairs.symbol AND s.status = 'success'
+         ORDER BY s.last_sync_time DESC LIMIT 1) success ON true
+ON CONFLICT (user_id, symbol) DO NOTHING;
 
 -- For analysts: times as timestamptz (UTC) and sides as words.
 CREATE OR REPLACE VIEW trade_fills_readable AS
@@ -111,9 +156,10 @@ SELECT user_id, symbol, order_id, trade_id,
        to_timestamp(trade_time / 1000.0) AS trade_time,
        synced_at
   FROM trade_fills;
+-- (WHERE trade_time >= now() - interval '1 day' on the view uses trade_fills_time_utc.)
 
 -- When this says the current version, weex_sync runs none of the statements above: no pass
 -- ever waits for a lock that an analyst's open transaction holds.
 CREATE TABLE IF NOT EXISTS weex_sync_schema (version integer NOT NULL);
 DELETE FROM weex_sync_schema;
-INSERT INTO weex_sync_schema (version) VALUES (3);
+INSERT INTO weex_sync_schema (version) VALUES (4);

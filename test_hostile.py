@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -1528,3 +1529,277 @@ def test_r3_6_the_loop_counts_passes_in_english():
     assert weex_sync.plural(22, "pass") == "22 passes"
     assert weex_sync.plural(1, "pass") == "1 pass"
     assert weex_sync.plural(2, "user") == "2 users"
+
+
+# --- review of round 4 (the fixes of 9d9411e) ---------------------------------------------------
+
+
+def budget_entries(path: Path) -> dict[str, list[list[float]]]:
+    """The budget file's windows; {} while it is missing or being rewritten."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def test_r4_1_a_400_digit_number_in_the_budget_file_is_discarded_with_one_warning(
+    runner, exchange, db
+):
+    path = Path(runner.weex["rate_limit"]["shared_file"])
+    key = ip_key(exchange)
+    path.write_text(json.dumps({key: [[10**400, 1], [time.time(), 10**400]]}))
+    path.chmod(0o600)
+    runner.sync["start_time"] = now_ms() - DAY_MS  # one window
+    exchange.fills = lambda request: answer(request, [make_fill(3, 1, now_ms() - 3_600_000)])
+
+    code, elapsed = timed_run(runner)
+
+    assert code == 0, runner.log
+    assert elapsed < 4, elapsed
+    assert "discarded" in line_with(runner.log, "WARNING")  # clean_lines: no traceback
+    assert stored_ids(db) == {"1"}
+    assert all(w < 10**7 for _, w in budget_entries(path)[key])  # the file is ours again
+
+
+def test_r4_2_a_budget_file_unlinked_or_replaced_under_a_loop_is_reopened(runner, exchange, db):
+    """Two processes keep sharing one file: a --loop process that had the file open before it
+    was unlinked (or replaced) charges its requests to the file the path names now."""
+    path = Path(runner.weex["rate_limit"]["shared_file"])
+    exchange.fills = lambda request: answer(request, [])
+    looping = runner.popen("--loop", "1", name="loop.yaml")
+    mine = ip_key(exchange)
+    wait_for(lambda: mine in budget_entries(path), timeout=15)
+
+    path.unlink()  # another process of this user now creates a new file at the path
+    other = runner.config()
+    other["weex"]["base_url"] = exchange.base_url.replace("127.0.0.1", "localhost")
+    other["sync"]["users"] = [Account.new("user2").as_config()]
+    assert runner.run(config=other) == 0, runner.log
+    theirs = "ip " + urlsplit(other["weex"]["base_url"]).netloc
+    wait_for(lambda: {mine, theirs} <= budget_entries(path).keys(), timeout=10)
+
+    fresh = path.with_name("fresh")  # replaced (a rename over it), not unlinked
+    fresh.write_text("{}")
+    fresh.chmod(0o600)
+    os.replace(fresh, path)
+    wait_for(lambda: mine in budget_entries(path), timeout=10)
+
+    looping.send_signal(signal.SIGTERM)
+    code, err = finish(looping, timeout=15)
+    assert code == 0, err
+    assert "Traceback" not in err
+
+
+def test_r4_3_a_shorter_window_does_not_drop_a_longer_windows_entries(runner, exchange, db):
+    """Processes of two configurations share the file: one with a 1 s window must keep what
+    one with a 60 s window charged 2 s ago (it still counts against that one's budget)."""
+    path = Path(runner.weex["rate_limit"]["shared_file"])
+    runner.sync["start_time"] = now_ms() - DAY_MS  # one window: the time and one fills request
+    exchange.fills = lambda request: answer(request, [])
+    key = ip_key(exchange)
+
+    runner.weex["rate_limit"]["window_seconds"] = 60
+    assert runner.run() == 0, runner.log
+    charged = sum(w for _, w in budget_entries(path)[key])
+    assert charged == 1 + 5  # the time, one fills request
+    time.sleep(2.0)  # older than the short window (1 s plus its 0.5 s margin)
+
+    short_started = time.time()
+    runner.weex["rate_limit"]["window_seconds"] = 1
+    assert runner.run() == 0, runner.log
+
+    entries = budget_entries(path)[key]
+    kept = sum(w for at, w in entries if at < short_started - 1)
+    assert kept == charged, entries
+
+
+def mixed_quotes_account(user_id: str) -> Account:
+    """A passphrase with a single quote, a double quote and a backslash; a secret key with a
+    single quote and a backslash only (so repr() quotes it with " on its own, but with ' and
+    an escaped \\' inside a text that holds a double quote). Both share a random tag."""
+    tag = secrets.token_hex(6)
+    return Account(
+        user_id,
+        api_key=f"key-{user_id}-{secrets.token_hex(4)}",
+        secret_key=f"SE'c\\ret{tag}s",
+        passphrase=f"PA'ss\"w\\d{tag}p",
+    )
+
+
+QUOTE_ECHOES = {
+    "msg as text": lambda r, u: error_reply(r, SYMBOL_CODE, f"bad {u.passphrase} {u.secret_key}"),
+    "msg as an object": lambda r, u: error_reply(
+        r,
+        SYMBOL_CODE,
+        {"echo": [u.passphrase, u.secret_key, f'"{u.passphrase}', f'"{u.secret_key}']},  # type: ignore[arg-type]
+    ),
+    "a fill's field": lambda r, u: answer(
+        r,
+        [],
+        always=[
+            make_fill(
+                r.version, 1, START_MS + 10, side=f'"{u.passphrase}', orderId=f'"{u.secret_key}'
+            )
+        ],
+    ),
+}
+
+
+def test_r4_4_secrets_with_both_quotes_and_a_backslash_never_leak_in_any_form(runner, exchange, db):
+    runner.users = [mixed_quotes_account(f"user{n}") for n in range(1, len(QUOTE_ECHOES) + 1)]
+    echo_of = {u.api_key: (e, u) for u, e in zip(runner.users, QUOTE_ECHOES.values(), strict=True)}
+    exchange.fills = lambda request: echo_of[request.key][0](request, echo_of[request.key][1])
+
+    assert runner.run("--log-level", "DEBUG") == 1
+    seen = runner.log
+    assert runner.run("--status", "--json") == 0
+    seen += runner.out + repr(db.status()) + repr(db.rows("SELECT * FROM rejected_fills"))
+
+    assert len(exchange.fills_requests()) >= len(QUOTE_ECHOES)
+    for user in runner.users:
+        tag = user.passphrase[-13:-1]  # the random part both secrets share
+        assert tag not in seen, (user.user_id, [line for line in seen.splitlines() if tag in line])
+
+
+YAML_LEAKS = {
+    "a tag and a value": "passphrase: !secret Hunter2xyz",
+    "a passphrase starting with !": "passphrase: !Hunter2xyz",
+    "a missing colon": "{secret_key Hunter2xyz}",
+}
+
+
+@pytest.mark.parametrize("case", list(YAML_LEAKS))
+def test_r4_5_yaml_tags_and_keys_that_are_not_words_are_not_echoed(runner, exchange, case):
+    if case == "a missing colon":  # in a flow mapping, the line becomes a key of weex
+        text = json.dumps(runner.config()).replace('"weex": {', '"weex": {secret_key Hunter2xyz, ')
+    else:
+        runner.user.passphrase = "PASSPHRASE_HERE"
+        text = yaml.safe_dump(runner.config()).replace(
+            "passphrase: PASSPHRASE_HERE", YAML_LEAKS[case]
+        )
+    assert "Hunter2xyz" in text
+    path = runner.tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+
+    assert runner.run(config=path) == 2
+
+    line_with(runner.log, "configuration error")
+    assert "Hunter2" not in runner.log + runner.out, runner.log
+    assert exchange.requests == []
+
+
+def alias_bomb(levels: int = 10, width: int = 10) -> str:
+    """A few hundred bytes of YAML that name 10**levels strings through nested aliases."""
+    lines = [f"  l0: &l0 [{', '.join(['lol'] * width)}]"]
+    for n in range(1, levels):
+        lines.append(f"  l{n}: &l{n} [{', '.join([f'*l{n - 1}'] * width)}]")
+    return "bomb:\n" + "\n".join(lines) + "\n"
+
+
+def test_r4_6_a_yaml_alias_bomb_fails_within_seconds(runner, exchange, tmp_path):
+    path = runner.write_config()
+    path.write_text(path.read_text() + alias_bomb(), encoding="utf-8")
+
+    began = time.monotonic()
+    code, err = finish(spawn_weex_sync("-c", str(path), "--once"), timeout=10)
+    took = time.monotonic() - began
+
+    assert took < 4, took
+    assert code == 2, err
+    assert "bomb" in line_with(err, "configuration error")
+    assert exchange.requests == []
+
+
+def syn_sent_to(port: int) -> int:
+    """Sockets of this machine still connecting (SYN_SENT) to 127.0.0.1:port."""
+    wanted = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as fh:
+        return sum(
+            1
+            for line in fh.readlines()[1:]
+            if line.split()[2] == wanted and line.split()[3] == "02"
+        )
+
+
+@contextlib.contextmanager
+def listener_with_a_full_backlog():
+    """127.0.0.1:port that accepts no connection: its backlog (listen(0)) is full, so a new
+    connection stays in SYN_SENT (the kernel drops its SYNs) until the client gives up."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        wait_for(lambda: syn_sent_to(port) >= 1, timeout=5)
+        yield port
+    finally:
+        for sock in [*fillers, server]:
+            sock.close()
+
+
+def test_r4_7_sigterm_while_connecting_to_the_time_endpoint_exits_within_5_s(runner, db):
+    with listener_with_a_full_backlog() as port:
+        runner.weex.update(base_url=f"http://127.0.0.1:{port}", timeout_seconds=60)
+        before = syn_sent_to(port)
+        process = runner.popen("--once")
+        wait_for(lambda: syn_sent_to(port) > before, timeout=15)  # it is connecting
+        time.sleep(0.5)
+
+        process.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        code, err = finish(process, timeout=12)
+        took = time.monotonic() - sent
+
+    assert took < 5, (took, err)
+    assert code == 0, err
+    assert "SIGTERM received" in err
+    clean_lines(err)
+
+
+@contextlib.contextmanager
+def silent_exchange():
+    """127.0.0.1:port that accepts every connection and never answers (nor reads)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(128)
+    server.settimeout(0.1)
+    held = []
+    done = threading.Event()
+
+    def accept() -> None:
+        while not done.is_set():
+            with contextlib.suppress(OSError):
+                held.append(server.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        done.set()
+        thread.join()
+        for sock in [*held, server]:
+            sock.close()
+
+
+def test_r4_8_check_of_16_users_against_a_stalled_exchange_takes_one_timeout(runner, db):
+    """The first users to time out tell the rest: 16 users on 2 workers take about two
+    timeouts (the clock, then the first two users), not 9."""
+    runner.users = [Account.new(f"user{n}") for n in range(1, 17)]
+    runner.sync["workers"] = 2
+    with silent_exchange() as url:
+        runner.weex.update(base_url=url, timeout_seconds=1, max_retries=0)
+        code, took = timed_run(runner, "--check")
+
+    assert code == 1, runner.out
+    assert took < 5, (took, runner.out)
+    rows = [line.split() for line in runner.out.splitlines() if line.startswith("user")]
+    verdicts = [r[2] for r in rows if len(r) > 2 and r[1] == BTC]
+    assert len(verdicts) == 16 and "ok" not in verdicts, runner.out

@@ -210,3 +210,42 @@ def test_readable_view_for_analysts(harness: Harness, db: Database, sim):
     side, moment = db.rows("SELECT side, trade_time FROM trade_fills_readable")[0]
     assert side == "sell"
     assert moment == dt.datetime.fromtimestamp(START_MS / 1000 + 1.5, dt.UTC)
+
+
+def test_check_fails_when_the_exchange_clock_is_eight_days_off(harness: Harness, db: Database, sim):
+    """Beyond one request span (7 days) every pass would fail: --check says so, exit 1."""
+    harness.accounts = [make_account(sim, 1), make_account(sim, 2)]
+    sim.clock_offset_ms = 8 * DAY_MS
+
+    assert harness.run("--check") == 1
+
+    assert "differ by 8.0 days" in harness.out, harness.out
+    rows = [line.split() for line in harness.out.splitlines() if line.startswith("user")]
+    verdicts = {tuple(r[:2]): r[2] for r in rows if len(r) > 2 and r[1] == BTC}
+    assert set(verdicts) == {("user1", BTC), ("user2", BTC)}, harness.out
+    assert "ok" not in verdicts.values(), harness.out
+
+
+def test_status_max_age_0_reports_a_failing_pair(harness: Harness, db: Database, sim):
+    """--max-age 0 is a max age of 0 s, not "no max age"."""
+    account = make_account(sim, 1)
+    harness.accounts = [account]
+    account.secret_key = "wrong"
+    assert harness.run() == 1
+
+    assert harness.run("--status", "--max-age", "0") == 1
+
+    assert harness.out.startswith(f"FAILING user1/{BTC}: latest pass failed: "), harness.out
+
+
+def test_no_enabled_user_is_a_configuration_error(harness: Harness, db: Database, sim):
+    harness.accounts = [make_account(sim, 1), make_account(sim, 2)]
+    for account in harness.accounts:
+        account.enabled = False
+
+    assert harness.run() == 2
+
+    errors = [line for line in harness.last_log.splitlines() if "configuration error" in line]
+    assert len(errors) == 1 and "sync.users" in errors[0], harness.last_log
+    assert sim.requests == []
+    assert db.scalar("SELECT count(*) FROM sync_status") == 0

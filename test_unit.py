@@ -8,9 +8,11 @@ test_paging.py.
 from __future__ import annotations
 
 import json
+import secrets
 import threading
 import time
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -282,3 +284,49 @@ def test_a_stop_interrupts_a_limiter_wait():
     stop.set()
     with pytest.raises(weex_sync.Interrupted):
         budget.acquire("key", 5, stop)
+
+
+# --- the env file (--env-file) ---------------------------------------------------------------
+
+
+def env_file_errors(tmp_path, capsys, content: str) -> tuple[int, list[str], Path]:
+    """weex_sync --status with an env file of ``content``: exit code, its configuration error
+    lines, the env file's path. The config is valid and names a database nothing answers at,
+    so an env file that is wrongly accepted shows as exit 3, not 2."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "database: {host: 127.0.0.1, port: 1}\n"
+        "weex: {api_key: k, secret_key: s, passphrase: '${PASS_X}'}\n"
+    )
+    env = tmp_path / f"weex_sync-{secrets.token_hex(3)}.env"
+    env.write_bytes(content.encode())
+    code = weex_sync.main(["-c", str(config), "--env-file", str(env), "--status"], environ={})
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return code, [line for line in err.splitlines() if "configuration error" in line], env
+
+
+def test_env_file_a_carriage_return_is_one_error_naming_file_and_line(tmp_path, capsys):
+    """A line saved with a CRLF end: systemd and a shell read the \\r differently."""
+    code, errors, env = env_file_errors(tmp_path, capsys, "A=1\nPASS_X=crlfsecret\r\nC=3\n")
+
+    assert code == 2, errors
+    assert len(errors) == 1, errors
+    assert f"{env}:2: " in errors[0] and "carriage return" in errors[0], errors
+    assert "crlfsecret" not in errors[0]
+
+
+def test_env_file_an_unquoted_tilde_is_an_error(tmp_path, capsys):
+    """A shell expands ~ (systemd does not); in single quotes it is literal for both."""
+    code, errors, env = env_file_errors(tmp_path, capsys, "PASS_X=p\nKEYS=~/keys\nQ='~/k'\n")
+
+    assert code == 2, errors
+    assert len(errors) == 1 and f"{env}:2: " in errors[0], errors
+    assert "~/keys" not in errors[0]
+
+
+def test_env_file_blanks_around_a_line_are_stripped(tmp_path):
+    env = tmp_path / "blanks.env"
+    env.write_text("\t PASS_X=value \t\n  \tB='x y'\t\n")
+
+    assert weex_sync.read_env_file(str(env)) == {"PASS_X": "value", "B": "x y"}

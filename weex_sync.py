@@ -109,6 +109,7 @@ class DatabaseConfig:
     password: str = field(default="", repr=False)
     dbname: str = "weex_trading"
     sslmode: str = "prefer"
+    partition_fills: str = "none"  # or "monthly": a new trade_fills partitioned by month
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,7 @@ class SyncConfig:
     reconcile_every_seconds: int = 86_400  # 0: no reconcile
     reconcile_window_seconds: int = 172_800
     max_seconds: int = 0  # 0: no limit
+    status_retention_days: int = 90  # 0: keep every status row
     min_interval_seconds: int | None = None  # None: 5/6 of the pass interval; 0: no claims
     symbols: tuple[str, ...] = (ALL_SYMBOLS,)
     users: tuple[UserConfig, ...] = ()
@@ -252,7 +254,7 @@ def read_env_file(path: str) -> dict[str, str]:
     """KEY=value lines (see ENV_PLAIN_RE), blank lines and # comments; every other line is an
     error naming the file and the line number, never the value (it may be a secret)."""
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8", newline="") as fh:  # a \r stays, to be refused
             lines = fh.read().split("\n")  # only \n ends a line for both readers
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
@@ -452,7 +454,9 @@ def _ranged(raw: dict, path: str, key: str, kind: type, default: Any, low: Any, 
 
 def _database_config(raw: dict) -> DatabaseConfig:
     p = "database"
-    _check_keys(raw, p, {"host", "port", "user", "password", "dbname", "sslmode"})
+    _check_keys(
+        raw, p, {"host", "port", "user", "password", "dbname", "sslmode"} | {"partition_fills"}
+    )
     for key in ("host", "user", "password", "dbname"):
         if isinstance(raw.get(key), str) and "\0" in raw[key]:
             raise ConfigError(f"database.{key}: contains a NUL character")
@@ -466,7 +470,15 @@ def _database_config(raw: dict) -> DatabaseConfig:
         password=_typed(raw, p, "password", str, ""),
         dbname=_typed(raw, p, "dbname", str, DatabaseConfig.dbname),
         sslmode=sslmode,
+        partition_fills=_partition_fills(raw),
     )
+
+
+def _partition_fills(raw: dict) -> str:
+    value = _typed(raw, "database", "partition_fills", str, DatabaseConfig.partition_fills)
+    if value not in ("none", "monthly"):
+        raise ConfigError("database.partition_fills: must be none or monthly")
+    return value
 
 
 def _weex_config(raw: dict, environ: Mapping[str, str]) -> WeexConfig:
@@ -549,7 +561,7 @@ def _sync_config(raw: dict, weex_raw: dict) -> SyncConfig:
         p,
         {"interval_seconds", "page_size", "start_time", "workers", "symbols", "users"}
         | {"lookback_seconds", "max_seconds", "reconcile_every_seconds"}
-        | {"reconcile_window_seconds", "min_interval_seconds"},
+        | {"reconcile_window_seconds", "min_interval_seconds", "status_retention_days"},
     )
     symbols = _symbols(raw.get("symbols", "all"), "sync.symbols")
     every = _ranged(raw, p, "reconcile_every_seconds", int, 86_400, 0, 30 * 86_400)
@@ -577,6 +589,7 @@ def _sync_config(raw: dict, weex_raw: dict) -> SyncConfig:
             else _ranged(raw, p, "min_interval_seconds", int, 0, 0, 86400)
         ),
         max_seconds=_ranged(raw, p, "max_seconds", int, 0, 0, 86400),
+        status_retention_days=_ranged(raw, p, "status_retention_days", int, 90, 0, 36500),
         symbols=symbols,
         users=users,
     )
@@ -2794,11 +2807,9 @@ def prefetch(items: Iterator[T], stop: Stop, depth: int = 2) -> Iterator[Iterato
 # 8. Storage: schema, locks, the cursor, batches of fills, status rows
 # =============================================================================================
 
-SCHEMA_VERSION = 3
-SCHEMA_SQL = f"""\
--- weex_sync schema (python weex_sync.py --print-schema); weex_sync creates it when missing.
-
--- One row per fill, exactly as the exchange reported it (raw) plus typed columns.
+SCHEMA_VERSION = 4
+# The fills table, unpartitioned or (database.partition_fills: monthly) by month of trade_time.
+FILLS_TABLE_SQL = """\
 CREATE TABLE IF NOT EXISTS trade_fills (
     user_id    text        NOT NULL,
     order_id   text        NOT NULL,
@@ -2813,13 +2824,21 @@ CREATE TABLE IF NOT EXISTS trade_fills (
     raw        jsonb       NOT NULL,
     synced_at  timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT trade_fills_fill_key UNIQUE (user_id, order_id, trade_id, trade_time)
-);
-CREATE INDEX IF NOT EXISTS trade_fills_user_symbol_time
-    ON trade_fills (user_id, symbol, trade_time DESC);
-
--- Append-only: one row per (user, symbol) per pass; symbol '*' for sync.symbols: all.
+){partitioning};
+"""
+# Indexes an upgrade builds CONCURRENTLY on an existing table (build_new_indexes): a running
+# pass keeps inserting meanwhile. user_time serves one user's fills over time; the BRIN index
+# (a few dozen KB per million rows: fills arrive roughly in time order) serves time ranges,
+# on trade_time in ms and on the readable view's timestamp.
+FILLS_INDEXES = {
+    "trade_fills_user_time": "ON trade_fills (user_id, trade_time)",
+    "trade_fills_time": "ON trade_fills USING brin (trade_time)",
+    "trade_fills_time_utc": "ON trade_fills USING brin ((to_timestamp(trade_time / 1000.0)))",
+}
+STATUS_TABLE_SQL = """\
+CREATE SEQUENCE IF NOT EXISTS sync_status_id_seq;
 CREATE TABLE IF NOT EXISTS sync_status (
-    id              bigserial   PRIMARY KEY,
+    id              bigint      NOT NULL DEFAULT nextval('sync_status_id_seq'),
     pass_id         text        NOT NULL,
     user_id         text        NOT NULL,
     symbol          text        NOT NULL,
@@ -2829,7 +2848,8 @@ CREATE TABLE IF NOT EXISTS sync_status (
     fetched_count   integer     NOT NULL,    -- fills received this pass
     requests_count  integer     NOT NULL,    -- HTTP requests sent, retries included
     duration_ms     integer     NOT NULL,
-    status          text        NOT NULL CHECK (status IN ('success', 'error')),
+    status          text        NOT NULL
+                    CONSTRAINT sync_status_status_check CHECK (status IN ('success', 'error')),
     error_message   text,
     late_count      integer     NOT NULL DEFAULT 0, -- of records_count: fills that became
                                                     -- visible after a walk had read their time
@@ -2838,10 +2858,80 @@ CREATE TABLE IF NOT EXISTS sync_status (
                                             -- cursor's last walk end minus the lookback
     error_kind      text                    -- credentials, access, symbol, rejected_fills,
                                             -- exchange, unreachable, rate_limit, database, ...
+) PARTITION BY RANGE (last_sync_time);
+ALTER SEQUENCE sync_status_id_seq OWNED BY sync_status.id;"""
+# The columns weex_sync 1.x and 2.x lacked: added to an old table before it becomes the first
+# partition (a partition has exactly the columns of its table).
+STATUS_COLUMNS_SQL = """
+ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS late_count integer NOT NULL DEFAULT 0;
+ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS rejected_count integer NOT NULL DEFAULT 0;
+ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS synced_through bigint;
+ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS error_kind text;
+"""
+LATEST_FIELDS = (
+    *("pass_id", "last_sync_time", "last_trade_time", "records_count", "fetched_count"),
+    *("requests_count", "duration_ms", "status", "error_message", "late_count"),
+    *("rejected_count", "synced_through", "error_kind"),
+)
+LATEST_COLUMNS = ", ".join(LATEST_FIELDS)
+# An upgrade from version 3 or older: each pair's latest state from its history, one index
+# probe per pair (the pairs found by a loose index scan), not a sort of every row.
+LATEST_FROM_HISTORY_SQL = f"""\
+WITH RECURSIVE pairs AS (
+    (SELECT user_id, symbol FROM sync_status ORDER BY user_id, symbol LIMIT 1)
+    UNION ALL
+    SELECT later.user_id, later.symbol FROM pairs CROSS JOIN LATERAL (
+        SELECT user_id, symbol FROM sync_status s
+         WHERE (s.user_id, s.symbol) > (pairs.user_id, pairs.symbol)
+         ORDER BY user_id, symbol LIMIT 1) later
+)
+INSERT INTO sync_latest (user_id, symbol, status_id, {LATEST_COLUMNS}, last_success_time)
+SELECT pairs.user_id, pairs.symbol, latest.id, {LATEST_COLUMNS}, success.last_success_time
+  FROM pairs
+ CROSS JOIN LATERAL (
+        SELECT * FROM sync_status s WHERE s.user_id = pairs.user_id AND s.symbol = pairs.symbol
+         ORDER BY s.last_sync_time DESC, s.id DESC LIMIT 1) latest
+  LEFT JOIN LATERAL (
+        SELECT s.last_sync_time AS last_success_time FROM sync_status s
+         WHERE s.user_id = pairs.user_id AND s.symbol = pairs.symbol AND s.status = 'success'
+         ORDER BY s.last_sync_time DESC LIMIT 1) success ON true
+ON CONFLICT (user_id, symbol) DO NOTHING;"""
+SCHEMA_SQL = f"""\
+-- weex_sync schema (python weex_sync.py --print-schema); weex_sync creates it when missing.
+-- sync_status is partitioned by day: a pass creates the partitions it writes to (and drops
+-- those older than sync.status_retention_days), so apply this file and then run a pass.
+
+-- One row per fill, exactly as the exchange reported it (raw) plus typed columns.
+{FILLS_TABLE_SQL.format(partitioning="")}CREATE INDEX IF NOT EXISTS trade_fills_user_symbol_time
+    ON trade_fills (user_id, symbol, trade_time DESC);
+{"".join(f"CREATE INDEX IF NOT EXISTS {name} {how};{chr(10)}" for name, how in FILLS_INDEXES.items())}
+-- Append-only: one row per (user, symbol) per pass; symbol '*' for sync.symbols: all.
+-- Partitioned by day of last_sync_time (sync_status_pYYYYMMDD; an upgraded table is the
+-- partition sync_status_until_YYYYMMDD): retention drops whole days, never deletes rows.
+{STATUS_TABLE_SQL}
+-- The latest status of each pair, and its last success: written with every status row (the
+-- same statement), so --status costs the same however long a pair has failed, and a last
+-- success stays known after retention dropped its row.
+CREATE TABLE IF NOT EXISTS sync_latest (
+    user_id           text        NOT NULL,
+    symbol            text        NOT NULL,
+    status_id         bigint      NOT NULL,  -- sync_status.id of the latest row
+    pass_id           text        NOT NULL,
+    last_sync_time    timestamptz NOT NULL,
+    last_trade_time   bigint,
+    records_count     integer     NOT NULL,
+    fetched_count     integer     NOT NULL,
+    requests_count    integer     NOT NULL,
+    duration_ms       integer     NOT NULL,
+    status            text        NOT NULL,
+    error_message     text,
+    late_count        integer     NOT NULL,
+    rejected_count    integer     NOT NULL,
+    synced_through    bigint,
+    error_kind        text,
+    last_success_time timestamptz,           -- the latest row with status 'success'
+    PRIMARY KEY (user_id, symbol)
 );
-CREATE INDEX IF NOT EXISTS sync_status_last_sync_time ON sync_status (last_sync_time DESC);
-CREATE INDEX IF NOT EXISTS sync_status_user_symbol
-    ON sync_status (user_id, symbol, last_sync_time DESC);
 
 -- The incremental cursor, written in the same transaction as the fills it covers.
 -- Every fill with trade_time < synced_through has been read, except while walk_end is set:
@@ -2894,12 +2984,9 @@ CREATE TABLE IF NOT EXISTS sync_claims (
 );
 
 -- Upgrades from weex_sync 1.x and 2.x (no-ops on a new database).
-ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS late_count integer NOT NULL DEFAULT 0;
-ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS rejected_count integer NOT NULL DEFAULT 0;
-ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS synced_through bigint;
-ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS error_kind text;
 ALTER TABLE sync_cursor ADD COLUMN IF NOT EXISTS last_end bigint;
 ALTER TABLE sync_cursor ADD COLUMN IF NOT EXISTS reconciled_at bigint;
+{LATEST_FROM_HISTORY_SQL}
 
 -- For analysts: times as timestamptz (UTC) and sides as words.
 CREATE OR REPLACE VIEW trade_fills_readable AS
@@ -2909,6 +2996,7 @@ SELECT user_id, symbol, order_id, trade_id,
        to_timestamp(trade_time / 1000.0) AS trade_time,
        synced_at
   FROM trade_fills;
+-- (WHERE trade_time >= now() - interval '1 day' on the view uses trade_fills_time_utc.)
 
 -- When this says the current version, weex_sync runs none of the statements above: no pass
 -- ever waits for a lock that an analyst's open transaction holds.
@@ -2951,7 +3039,7 @@ WITH batch AS (
     RETURNING 1
 )
 SELECT count(*), count(*) FILTER (WHERE trade_time <= %(late_before)s),
-       (SELECT count(*) FROM resolved)
+       (SELECT count(*) FROM resolved), max(trade_time)
   FROM inserted
 """
 # The fills of a batch that were not inserted and differ from the stored fill of their
@@ -3009,19 +3097,25 @@ ON CONFLICT (user_id, symbol) DO UPDATE
        walk_target = EXCLUDED.walk_target, last_end = EXCLUDED.last_end,
        reconciled_at = EXCLUDED.reconciled_at, updated_at = now()
 """
-# The newest stored fill of a scope. For '*' (every contract) a loose index scan: one probe
-# of trade_fills_user_symbol_time per contract, instead of reading all of the user's rows.
+# The newest stored fill of a scope at or after %(floor)s (the newest known before: fills are
+# never deleted by weex_sync, so it is a lower bound that lets PostgreSQL prune the months of a
+# partitioned trade_fills; NULL when a user removed them: then the caller asks without it).
+# For '*' (every contract) a loose index scan: one probe of trade_fills_user_symbol_time per
+# contract, instead of reading all of the user's rows.
 NEWEST_FILL_SQL = """
 WITH RECURSIVE contracts AS (
-    SELECT min(symbol) AS symbol FROM trade_fills WHERE user_id = %(user_id)s
+    SELECT min(symbol) AS symbol FROM trade_fills
+     WHERE user_id = %(user_id)s AND trade_time >= %(floor)s
     UNION ALL
     SELECT (SELECT min(symbol) FROM trade_fills
-             WHERE user_id = %(user_id)s AND symbol > contracts.symbol)
+             WHERE user_id = %(user_id)s AND symbol > contracts.symbol
+               AND trade_time >= %(floor)s)
       FROM contracts WHERE contracts.symbol IS NOT NULL
 )
 SELECT max(newest) FROM (
     SELECT (SELECT max(trade_time) FROM trade_fills
-             WHERE user_id = %(user_id)s AND symbol = contracts.symbol) AS newest
+             WHERE user_id = %(user_id)s AND symbol = contracts.symbol
+               AND trade_time >= %(floor)s) AS newest
       FROM contracts
      WHERE contracts.symbol IS NOT NULL AND (%(symbol)s = '*' OR contracts.symbol = %(symbol)s)
 ) per_contract
@@ -3030,16 +3124,38 @@ SELECT max(newest) FROM (
 # the last walk's end minus the lookback (fills after it may still become visible).
 SYNCED_THROUGH_SQL = """CASE WHEN c.walk_end IS NOT NULL OR c.last_end IS NULL THEN c.synced_through
             ELSE least(c.synced_through, c.last_end - %(lookback_ms)s) END"""
+# A status row and the pair's latest state, in one statement. last_trade_time None: this pass
+# did not read it (it failed before), the latest state's stands.
 INSERT_STATUS_SQL = f"""
-INSERT INTO sync_status (pass_id, user_id, symbol, last_trade_time, records_count,
-                         fetched_count, requests_count, duration_ms, status, error_message,
-                         late_count, rejected_count, synced_through, error_kind)
-VALUES (%(pass_id)s, %(user_id)s, %(symbol)s, %(last_trade_time)s, %(inserted)s,
-        %(fetched)s, %(requests)s, %(duration_ms)s, %(status)s, %(error)s, %(late)s,
-        %(rejected)s,
-        (SELECT {SYNCED_THROUGH_SQL} FROM sync_cursor c
-          WHERE c.user_id = %(user_id)s AND c.symbol = %(symbol)s), %(error_kind)s)
+WITH row AS (
+    INSERT INTO sync_status (pass_id, user_id, symbol, last_trade_time, records_count,
+                             fetched_count, requests_count, duration_ms, status, error_message,
+                             late_count, rejected_count, synced_through, error_kind)
+    VALUES (%(pass_id)s, %(user_id)s, %(symbol)s,
+            coalesce(%(last_trade_time)s, (SELECT last_trade_time FROM sync_latest
+                                            WHERE user_id = %(user_id)s AND symbol = %(symbol)s)),
+            %(inserted)s, %(fetched)s, %(requests)s, %(duration_ms)s, %(status)s, %(error)s,
+            %(late)s, %(rejected)s,
+            (SELECT {SYNCED_THROUGH_SQL} FROM sync_cursor c
+              WHERE c.user_id = %(user_id)s AND c.symbol = %(symbol)s), %(error_kind)s)
+    RETURNING *
+)
+INSERT INTO sync_latest AS l (user_id, symbol, status_id, {LATEST_COLUMNS}, last_success_time)
+SELECT user_id, symbol, id, {LATEST_COLUMNS},
+       CASE WHEN status = 'success' THEN last_sync_time END
+  FROM row
+ON CONFLICT (user_id, symbol) DO UPDATE
+   SET ({LATEST_COLUMNS}, status_id) =
+       ({", ".join("EXCLUDED." + c for c in LATEST_FIELDS)}, EXCLUDED.status_id),
+       last_success_time = coalesce(EXCLUDED.last_success_time, l.last_success_time)
 """
+
+
+MIN_BIGINT = -(2**63)
+
+
+def max_known(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else max(a, b)
 
 
 def one_row(cur: psycopg2.extensions.cursor) -> tuple:
@@ -3148,19 +3264,325 @@ def open_for_reading(db: DatabaseConfig) -> Conn:
     return conn
 
 
-def ensure_schema(conn: Conn) -> None:
+def ensure_schema(conn: Conn, partition_fills: str = "none") -> None:
     """Create or upgrade the schema, unless it is current: then no DDL runs at all (DDL waits
-    for the locks of every open transaction on those tables, and everyone then waits for it)."""
+    for the locks of every open transaction on those tables, and everyone then waits for it).
+    An upgrade runs in steps that never block a running pass (upgrade_status_table,
+    build_new_indexes), under a session lock that other passes wait a while for."""
     try:
         if schema_version(conn) >= SCHEMA_VERSION:
             return
-        with conn, conn.cursor() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
-            cur.execute(SCHEMA_SQL)
+        if not _schema_lock(conn):
+            raise DatabaseError(
+                "another weex_sync process has been creating or upgrading the schema for "
+                f"{SCHEMA_LOCK_PATIENCE:.0f} s (building indexes on a large table takes "
+                "minutes): this pass did nothing; the next one runs once it is done"
+            )
+        try:
+            if schema_version(conn) >= SCHEMA_VERSION:
+                return
+            upgrade_status_table(conn)
+            build_new_indexes(conn)
+            with conn, conn.cursor() as cur:
+                if partition_fills == "monthly":
+                    cur.execute(FILLS_TABLE_SQL.format(partitioning=FILLS_PARTITIONING))
+                cur.execute(SCHEMA_SQL)
+        finally:
+            with conn, conn.cursor() as cur:
+                cur.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK_KEY,))
     except psycopg2.Error as exc:
         raise DatabaseError(
             f"cannot create or upgrade the schema: {describe_db_error(exc)}"
         ) from None
+
+
+SCHEMA_LOCK_PATIENCE = 60.0  # how long a pass waits for another one's schema upgrade
+FILLS_PARTITIONING = " PARTITION BY RANGE (trade_time)"
+
+
+def _schema_lock(conn: Conn) -> bool:
+    """The schema's session lock, waited for up to SCHEMA_LOCK_PATIENCE seconds."""
+    deadline = time.monotonic() + SCHEMA_LOCK_PATIENCE
+    while True:
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_try_advisory_lock(%s)", (SCHEMA_LOCK_KEY,))
+            if one_row(cur)[0]:
+                return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+
+
+def relation_kind(conn: Conn, name: str) -> str | None:
+    """'r' a table, 'p' a partitioned table, None: none by that name."""
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT relkind FROM pg_class WHERE oid = to_regclass(%s)", (name,))
+        row = cur.fetchone()
+    return row[0] if row else None
+
+
+def upgrade_status_table(conn: Conn) -> None:
+    """Make a sync_status of weex_sync 3 or older (a plain table) the first partition of the
+    partitioned one, without copying a row: a CHECK constraint on its time is validated first
+    (a scan that blocks no one), so attaching it needs no scan under a lock; the table then
+    covers everything before a day boundary two days ahead, the days' partitions the rest,
+    and retention drops it whole once its last day is past sync.status_retention_days."""
+    if relation_kind(conn, "sync_status") != "r":
+        return
+    until = utc_day(time.time()) + dt.timedelta(days=2)
+    name = f"sync_status_until_{until:%Y%m%d}"
+    log.info("upgrading sync_status: it becomes the partition %s (no rows are copied)", name)
+    steps = [
+        (STATUS_COLUMNS_SQL, ()),
+        ("ALTER TABLE sync_status DROP CONSTRAINT IF EXISTS sync_status_until", ()),
+        (
+            (
+                "ALTER TABLE sync_status ADD CONSTRAINT sync_status_until"
+                " CHECK (last_sync_time < %s) NOT VALID"
+            ),
+            (until,),
+        ),
+        ("ALTER TABLE sync_status VALIDATE CONSTRAINT sync_status_until", ()),
+    ]
+    for statement, params in steps:
+        with conn, conn.cursor() as cur:
+            cur.execute(statement, params)
+    with conn, conn.cursor() as cur:
+        cur.execute(sql.SQL("ALTER TABLE sync_status RENAME TO {}").format(sql.Identifier(name)))
+        cur.execute(STATUS_TABLE_SQL)
+        cur.execute(
+            sql.SQL(
+                "ALTER TABLE sync_status ATTACH PARTITION {} FOR VALUES FROM (MINVALUE) TO (%s)"
+            ).format(sql.Identifier(name)),
+            (until,),
+        )
+
+
+def build_new_indexes(conn: Conn) -> None:
+    """The indexes of FILLS_INDEXES missing on an existing trade_fills, built CONCURRENTLY (a
+    pass keeps inserting meanwhile; a build cut short leaves an invalid index, dropped and
+    built again here). A partitioned table cannot build them so: SCHEMA_SQL does, briefly
+    blocking inserts."""
+    if relation_kind(conn, "trade_fills") != "r":
+        return
+    with autocommit(conn), conn.cursor() as cur:
+        cur.execute("SET lock_timeout = '10min'")  # waits for transactions; blocks none
+        try:
+            for name, how in FILLS_INDEXES.items():
+                cur.execute(
+                    "SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass(%s)",
+                    (name,),
+                )
+                row = cur.fetchone()
+                if row is not None and row[0]:
+                    continue
+                if row is not None:
+                    cur.execute(sql.SQL("DROP INDEX CONCURRENTLY {}").format(sql.Identifier(name)))
+                log.info("building index %s on trade_fills (concurrently)", name)
+                cur.execute(
+                    sql.SQL("CREATE INDEX CONCURRENTLY {} ").format(sql.Identifier(name))
+                    + sql.SQL(how)
+                )
+        finally:
+            cur.execute("RESET lock_timeout")
+
+
+@contextlib.contextmanager
+def autocommit(conn: Conn) -> Iterator[Conn]:
+    """``conn`` in autocommit for statements that cannot run in a transaction block."""
+    before = conn.autocommit
+    conn.autocommit = True
+    try:
+        yield conn
+    finally:
+        conn.autocommit = before
+
+
+def utc_day(epoch: float) -> dt.datetime:
+    """Midnight UTC of the day ``epoch`` falls in."""
+    moment = dt.datetime.fromtimestamp(epoch, dt.UTC)
+    return moment.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+STATUS_DAYS_AHEAD = 2  # days' partitions made ahead: a pass never writes to a day without one
+FILLS_MONTHS_AHEAD = 2
+FILLS_MONTHS_BACK = 13  # made with the table: the v3 history (365 days) and a month
+PARTITION_LOCK_KEY = 0x7765_6578_5F70_6172  # "wex_par": one process maintains partitions
+STATUS_PARTITION_RE = re.compile(r"sync_status_(p|until_)(\d{8})")
+FILLS_PARTITION_RE = re.compile(r"trade_fills_p(\d{6})")
+
+
+def maintain_partitions(
+    conn: Conn, partition_fills: str = "none", retention_days: int = 90, now: float | None = None
+) -> None:
+    """Days of sync_status made ahead and those past sync.status_retention_days dropped; with
+    database.partition_fills: monthly, months of trade_fills made ahead. One process at a
+    time (a try-lock: the others go on, what they need was made days ahead). A failure here
+    is a WARNING: a pass that then cannot write a status row fails that pair, loudly."""
+    now = time.time() if now is None else now
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_try_advisory_lock(%s)", (PARTITION_LOCK_KEY,))
+        if not one_row(cur)[0]:
+            return
+    try:
+        tasks: list[tuple[Callable[..., None], tuple]] = [
+            (status_days_ahead, (conn, now)),
+            (drop_old_status_days, (conn, retention_days, now)),
+            (fills_months_ahead, (conn, partition_fills, now)),
+        ]
+        for task, args in tasks:
+            try:
+                task(*args)
+            except psycopg2.Error as exc:
+                conn.rollback()
+                log.warning("partition maintenance (%s): %s", task.__name__, describe_db_error(exc))
+    finally:
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_unlock(%s)", (PARTITION_LOCK_KEY,))
+
+
+def partitions(conn: Conn, table: str) -> dict[str, bool]:
+    """The partitions of ``table``: name -> whether a detach of it is pending."""
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT c.relname, i.inhdetachpending FROM pg_inherits i"
+            " JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = to_regclass(%s)",
+            (table,),
+        )
+        return dict(cur.fetchall())
+
+
+def status_day_ranges(names: Iterable[str]) -> dict[str, tuple[dt.date | None, dt.date]]:
+    """The days (first, last + 1) weex_sync's partitions of sync_status cover."""
+    ranges: dict[str, tuple[dt.date | None, dt.date]] = {}
+    for name in names:
+        match = STATUS_PARTITION_RE.fullmatch(name)
+        if match:
+            day = dt.datetime.strptime(match[2], "%Y%m%d").date()
+            ranges[name] = (day, day + dt.timedelta(days=1)) if match[1] == "p" else (None, day)
+    return ranges
+
+
+def status_days_ahead(conn: Conn, now: float) -> None:
+    """Today's partition of sync_status and the next days', each made as a table of its own
+    and then attached (ATTACH takes no lock a reader or a writer waits for; CREATE TABLE ...
+    PARTITION OF would)."""
+    ranges = status_day_ranges(partitions(conn, "sync_status")).values()
+    today = utc_day(now).date()
+    for k in range(STATUS_DAYS_AHEAD + 1):
+        day = today + dt.timedelta(days=k)
+        if any((start is None or start <= day) and day < end for start, end in ranges):
+            continue
+        name = f"sync_status_p{day:%Y%m%d}"
+        low = dt.datetime.combine(day, dt.time(), dt.UTC)
+        high = low + dt.timedelta(days=1)
+        table = sql.Identifier(name)
+        with conn, conn.cursor() as cur:
+            cur.execute(
+                sql.SQL(
+                    "CREATE TABLE {} (LIKE sync_status INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+                ).format(table)
+            )
+            cur.execute(
+                sql.SQL(
+                    "ALTER TABLE {} ADD CONSTRAINT {} CHECK (last_sync_time >= %s AND "
+                    "last_sync_time < %s)"
+                ).format(table, sql.Identifier(f"{name}_day")),
+                (low, high),
+            )
+            cur.execute(
+                sql.SQL("CREATE INDEX {} ON {} (last_sync_time)").format(
+                    sql.Identifier(f"{name}_time"), table
+                )
+            )
+            cur.execute(
+                sql.SQL("CREATE INDEX {} ON {} (user_id, symbol, last_sync_time)").format(
+                    sql.Identifier(f"{name}_pair"), table
+                )
+            )
+            cur.execute(
+                sql.SQL(
+                    "ALTER TABLE sync_status ATTACH PARTITION {} FOR VALUES FROM (%s) TO (%s)"
+                ).format(table),
+                (low, high),
+            )
+
+
+def drop_old_status_days(conn: Conn, days: int, now: float) -> None:
+    """Drop the partitions of sync_status whose last day is older than
+    sync.status_retention_days: DETACH ... CONCURRENTLY (readers and writers go on; a detach
+    cut short is finished by the next pass), then DROP TABLE of what is no longer a partition."""
+    if not days:
+        return
+    cutoff = utc_day(now).date() - dt.timedelta(days=days)
+    pending = partitions(conn, "sync_status")
+    for name, (_, end) in status_day_ranges(pending).items():
+        if end > cutoff:
+            continue
+        table = sql.Identifier(name)
+        with autocommit(conn), conn.cursor() as cur:
+            how = "FINALIZE" if pending[name] else "CONCURRENTLY"
+            cur.execute(sql.SQL("ALTER TABLE sync_status DETACH PARTITION {} " + how).format(table))
+            cur.execute(sql.SQL("DROP TABLE {}").format(table))
+        log.info(
+            "dropped %s: status rows older than %s (sync.status_retention_days)",
+            name,
+            plural(days, "day"),
+            extra={"event": "status_retention"},
+        )
+
+
+def month_start(year: int, month: int) -> dt.datetime:
+    return dt.datetime(year + (month - 1) // 12, (month - 1) % 12 + 1, 1, tzinfo=dt.UTC)
+
+
+def fills_months_ahead(conn: Conn, partition_fills: str, now: float) -> None:
+    """With database.partition_fills: monthly, this month's partition of trade_fills and the
+    next ones (on a new table: the 13 months before too), each attached as a table of its own;
+    fills of a month without one go to trade_fills_default."""
+    if partition_fills != "monthly":
+        return
+    if relation_kind(conn, "trade_fills") != "p":
+        log.warning(
+            "database.partition_fills is monthly, but trade_fills is not partitioned (it was "
+            "created before): no partitions made (README, Tables)"
+        )
+        return
+    existing = partitions(conn, "trade_fills")
+    months = [m for m in existing if FILLS_PARTITION_RE.fullmatch(m)]
+    today = utc_day(now)
+    with conn, conn.cursor() as cur:
+        if "trade_fills_default" not in existing:
+            cur.execute("CREATE TABLE trade_fills_default PARTITION OF trade_fills DEFAULT")
+    first = -FILLS_MONTHS_BACK if not months else 0
+    for k in range(first, FILLS_MONTHS_AHEAD + 1):
+        low, high = (
+            month_start(today.year, today.month + k),
+            month_start(today.year, today.month + k + 1),
+        )
+        name = f"trade_fills_p{low:%Y%m}"
+        if name in existing:
+            continue
+        bounds = (int(low.timestamp() * 1000), int(high.timestamp() * 1000))
+        table = sql.Identifier(name)
+        with conn, conn.cursor() as cur:
+            cur.execute(
+                sql.SQL(
+                    "CREATE TABLE {} (LIKE trade_fills INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+                ).format(table)
+            )
+            cur.execute(
+                sql.SQL(
+                    "ALTER TABLE {} ADD CONSTRAINT {} CHECK (trade_time >= %s AND trade_time < %s)"
+                ).format(table, sql.Identifier(f"{name}_month")),
+                bounds,
+            )
+            cur.execute(
+                sql.SQL(
+                    "ALTER TABLE trade_fills ATTACH PARTITION {} FOR VALUES FROM (%s) TO (%s)"
+                ).format(table),
+                bounds,
+            )
 
 
 def schema_version(conn: Conn) -> int:
@@ -3209,6 +3631,7 @@ class Saved(NamedTuple):
     late: int  # of inserted: fills that became visible after a walk had read their time
     rejected: int  # fills quarantined (or seen there again) that are still open
     quarantined: list[Rejected]
+    newest: int | None  # the newest fill inserted
 
 
 def _one_version(
@@ -3277,19 +3700,33 @@ class Store:
     def __init__(self, db: DatabaseConfig) -> None:
         self.db = db
         self._conn: Conn | None = None
+        self.held = False  # a transaction() left open to be committed by the next one
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[psycopg2.extensions.cursor]:
+    def transaction(self, hold: bool = False) -> Iterator[psycopg2.extensions.cursor]:
+        """A transaction; with ``hold``, left open so that the next one continues it and
+        commits both (a walk's last batch and the pair's status row: one commit per pair). An
+        error rolls back all of it."""
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = connect(self.db)
-            with self._conn, self._conn.cursor() as cur:
-                yield cur
+            conn = self._conn
+            try:
+                with conn.cursor() as cur:
+                    yield cur
+            except BaseException:
+                self.held = False
+                conn.rollback()
+                raise
+            self.held = hold
+            if not hold:
+                conn.commit()
         except psycopg2.Error as exc:
             self.close()
             raise DatabaseError(f"database error: {describe_db_error(exc)}") from None
 
     def close(self) -> None:
+        self.held = False
         if self._conn is not None:
             with contextlib.suppress(psycopg2.Error):
                 self._conn.close()
@@ -3315,9 +3752,24 @@ class Store:
                 (user_id, symbol),
             )
             row = cur.fetchone()
-            cur.execute(NEWEST_FILL_SQL, {"user_id": user_id, "symbol": symbol})
-            newest = one_row(cur)[0]
+            cur.execute(
+                "SELECT last_trade_time FROM sync_latest WHERE user_id = %s AND symbol = %s",
+                (user_id, symbol),
+            )
+            known = cur.fetchone()
+            newest = None
+            if known is not None and known[0] is not None:
+                newest = self._newest(cur, user_id, symbol, known[0])
+            if newest is None:
+                newest = self._newest(cur, user_id, symbol, MIN_BIGINT)
         return (Cursor(*row) if row else None), newest
+
+    @staticmethod
+    def _newest(
+        cur: psycopg2.extensions.cursor, user_id: str, symbol: str, floor: int
+    ) -> int | None:
+        cur.execute(NEWEST_FILL_SQL, {"user_id": user_id, "symbol": symbol, "floor": floor})
+        return one_row(cur)[0]
 
     def last_synced(self) -> dict[tuple[str, str], dt.datetime]:
         """When each pair's cursor last moved."""
@@ -3352,11 +3804,13 @@ class Store:
     ) -> Saved:
         """Insert the batch's fills, quarantine its rejected ones and the corrections it holds
         (a fill whose (order, trade) is stored with other contents or another time: the
-        stored row is kept), and move the cursor (unless None), in one transaction."""
+        stored row is kept), and move the cursor (unless None), in one transaction -- for the
+        walk's last batch, left open for the status row (record_status commits both)."""
         fills, versions = _one_version(batch.fills)
         rejected = list(batch.rejected)
         inserted = late = 0
-        with self.transaction() as cur:
+        newest = None
+        with self.transaction(hold=batch.done) as cur:
             # One writer of a user's fills at a time: the pair locks are per (user, symbol),
             # and a re-scan of one contract may run beside the user's all-contracts walk.
             cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (USER_LOCK_CLASS, _key32(user_id)))
@@ -3373,7 +3827,7 @@ class Store:
                 cur.execute(
                     INSERT_FILLS_SQL, {**columns, "user_id": user_id, "late_before": late_before}
                 )
-                inserted, late, _ = one_row(cur)
+                inserted, late, _, newest = one_row(cur)
                 if inserted < len(fills):
                     cur.execute(
                         CORRECTIONS_SQL,
@@ -3404,7 +3858,7 @@ class Store:
                 )
             if claim is not None:  # the claim of a pass at work does not expire
                 cur.execute(RENEW_CLAIM_SQL, claim)
-        return Saved(inserted, late, still_open, _distinct_rejected(rejected))
+        return Saved(inserted, late, still_open, _distinct_rejected(rejected), newest)
 
     @staticmethod
     def _quarantine(
@@ -3446,19 +3900,10 @@ class Store:
             )
             return len(fills) - one_row(cur)[0]
 
-    def newest_fill(self, user_id: str, symbol: str) -> int | None:
-        with self.transaction() as cur:
-            cur.execute(NEWEST_FILL_SQL, {"user_id": user_id, "symbol": symbol})
-            return one_row(cur)[0]
-
     def record_status(self, row: dict, lookback_ms: int) -> None:
+        """The pair's status row and latest state; commits a held batch with them."""
         with self.transaction() as cur:
-            cur.execute(NEWEST_FILL_SQL, {"user_id": row["user_id"], "symbol": row["symbol"]})
-            newest = one_row(cur)[0]
-            cur.execute(
-                INSERT_STATUS_SQL,
-                {**row, "last_trade_time": newest, "lookback_ms": lookback_ms},
-            )
+            cur.execute(INSERT_STATUS_SQL, {**row, "lookback_ms": lookback_ms})
 
 
 # =============================================================================================
@@ -3512,6 +3957,8 @@ class Outcome:
     error: str | None = None
     cause: SyncError | None = field(default=None, repr=False)
     first_rejection: str | None = None
+    newest: int | None = None  # the newest stored fill of the pair, once read
+    uncommitted: Saved | None = field(default=None, repr=False)  # commits with the status row
 
     @property
     def name(self) -> str:
@@ -3557,6 +4004,7 @@ class Outcome:
             "requests": self.requests,
             "duration_ms": self.duration_ms,
             "status": "success" if self.status == "success" else "error",
+            "last_trade_time": self.newest,
             "error": error,
             "error_kind": (
                 None
@@ -3674,16 +4122,24 @@ class Worker:
         self.session.close()
 
 
-def sync_pair(ctx: PassContext, worker: Worker, user: UserConfig, scope: str) -> Outcome:
+def sync_pair(
+    ctx: PassContext,
+    worker: Worker,
+    user: UserConfig,
+    scope: str,
+    report: Callable[[Outcome], None],
+) -> Outcome:
     """Sync one (user, symbol) -- ``scope`` ALL_SYMBOLS: every contract of the account -- under
-    its advisory lock. Whatever happens ends up in the Outcome, never in an exception."""
+    its advisory lock, and ``report`` the outcome while still holding it (the walk's last batch
+    commits with the status row). Whatever happens ends up in the Outcome, never in an
+    exception."""
     outcome = Outcome(user.user_id, scope)
     started = time.monotonic()
     stop = Stop(ctx.stop)
     client = FillsClient(ctx.cfg.weex, user, worker.session, ctx.clock, ctx.limiter, stop, ctx.host)
-    try:
-        with pair_lock(worker.store, outcome, ctx) as locked:
-            if locked:
+    with contextlib.ExitStack() as held:
+        try:
+            if held.enter_context(pair_lock(worker.store, outcome, ctx)):
                 walk_and_store(ctx, worker.store, client, outcome, stop)
             elif ctx.options.repair:
                 raise ExchangeError(
@@ -3692,16 +4148,17 @@ def sync_pair(ctx: PassContext, worker: Worker, user: UserConfig, scope: str) ->
                 )
             else:
                 outcome.status = "skipped"
-    except Interrupted:
-        outcome.status = "interrupted"
-    except SyncError as exc:
-        outcome.fail(exc)
-    except Exception as exc:  # one pair's bug must not stop the pass
-        log.exception("%s: unexpected error", outcome.name)
-        outcome.fail(SyncError(f"internal error: {printable(str(exc) or type(exc).__name__)}"))
-    finally:
-        outcome.requests = client.requests_made
-        outcome.duration_ms = int((time.monotonic() - started) * 1000)
+        except Interrupted:
+            outcome.status = "interrupted"
+        except SyncError as exc:
+            outcome.fail(exc)
+        except Exception as exc:  # one pair's bug must not stop the pass
+            log.exception("%s: unexpected error", outcome.name)
+            outcome.fail(SyncError(f"internal error: {printable(str(exc) or type(exc).__name__)}"))
+        finally:
+            outcome.requests = client.requests_made
+            outcome.duration_ms = int((time.monotonic() - started) * 1000)
+        report(outcome)
     return outcome
 
 
@@ -3751,11 +4208,11 @@ def walk_and_store(
     moves_cursor = not (options.repair or options.dry_run)
     claim = (claim_key(client.user), ctx.pass_id) if options.claims else None
     stored = cursor
+    outcome.newest = newest
     progress = Progress(outcome)
     walk = Walk(client, outcome.symbol, plan, sync.page_size)
     with prefetch(walk.batches(), stop, depth=2 * BATCH_PAGES) as prefetched:
         for batch in batched(prefetched, ctx.stop.is_set):
-            outcome.fetched += len(batch.fills) + len(batch.rejected)
             if options.dry_run:
                 outcome.inserted += store.count_new(outcome.user_id, batch.fills)
                 outcome.note_rejected(batch.rejected, len(batch.rejected))
@@ -3771,7 +4228,10 @@ def walk_and_store(
                 outcome.inserted += saved.inserted
                 outcome.late += saved.late
                 outcome.note_rejected(saved.quarantined, saved.rejected)
+                outcome.newest = max_known(outcome.newest, saved.newest)
+                outcome.uncommitted = saved if store.held else None
                 stored = batch.cursor
+            outcome.fetched += len(batch.fills) + len(batch.rejected)  # counted once stored
             progress.update(batch)
             if ctx.stop.is_set() and not batch.done:
                 raise Interrupted()
@@ -4032,9 +4492,11 @@ class SyncPass:
                 outcome = Outcome(user.user_id, scope)
                 outcome.fail(user_error or self.ctx.host.unreachable)  # type: ignore[arg-type]
             else:
-                outcome = sync_pair(self.ctx, self._worker(), user, scope)
+                outcome = sync_pair(self.ctx, self._worker(), user, scope, self._report)
                 if outcome.cause is not None and outcome.cause.user_wide:
                     user_error = outcome.cause
+                outcomes.append(outcome)
+                continue
             self._report(outcome)
             outcomes.append(outcome)
         return outcomes
@@ -4052,10 +4514,29 @@ class SyncPass:
                 lookback_ms = self.cfg.sync.lookback_seconds * SECOND_MS
                 self._worker().store.record_status(row, lookback_ms)
         except SyncError as exc:
-            log.error("%s: cannot record sync_status: %s", outcome.name, exc)
-        except Exception:  # logged with its traceback; the pass goes on
+            unrecorded(outcome, str(exc))
+        except Exception as exc:  # logged with its traceback; the pass goes on
             log.exception("%s: cannot record sync_status", outcome.name)
+            unrecorded(outcome, f"internal error: {printable(str(exc) or type(exc).__name__)}")
         outcome.log(self.ctx.options.dry_run)
+
+
+def unrecorded(outcome: Outcome, reason: str) -> None:
+    """A status row that cannot be written fails its pair, never an ok: the walk's last batch,
+    in the same transaction, is gone with it (the next pass reads it again)."""
+    if outcome.uncommitted is not None:
+        outcome.inserted -= outcome.uncommitted.inserted
+        outcome.late -= outcome.uncommitted.late
+        outcome.uncommitted = None
+    if outcome.status == "error":
+        log.error("%s: cannot record sync_status: %s", outcome.name, reason)
+    else:
+        outcome.fail(
+            DatabaseError(
+                f"cannot record sync_status, so the pass's last batch is not stored either "
+                f"(the next pass reads it again): {reason}"
+            )
+        )
 
 
 def plural(n: int, noun: str) -> str:
@@ -4074,20 +4555,13 @@ PAIR_STATUS_SQL = f"""
 SELECT pair.user_id, pair.symbol, latest.status, latest.last_sync_time,
        now() - latest.last_sync_time AS age, latest.records_count, latest.fetched_count,
        latest.requests_count, latest.late_count, latest.last_trade_time, latest.error_message,
-       latest.error_kind, success.last_sync_time AS last_success_time,
-       now() - success.last_sync_time AS success_age,
+       latest.error_kind, latest.last_success_time,
+       now() - latest.last_success_time AS success_age,
        quarantine.rejected_open, {SYNCED_THROUGH_SQL} AS synced_through,
        (extract(epoch FROM now()) * 1000)::bigint - ({SYNCED_THROUGH_SQL}) AS behind_ms
   FROM unnest(%(users)s::text[], %(symbols)s::text[]) WITH ORDINALITY
        AS pair(user_id, symbol, n)
-  LEFT JOIN LATERAL (
-        SELECT * FROM sync_status s
-         WHERE s.user_id = pair.user_id AND s.symbol = pair.symbol
-         ORDER BY s.last_sync_time DESC, s.id DESC LIMIT 1) latest ON true
-  LEFT JOIN LATERAL (
-        SELECT s.last_sync_time FROM sync_status s
-         WHERE s.user_id = pair.user_id AND s.symbol = pair.symbol AND s.status = 'success'
-         ORDER BY s.last_sync_time DESC LIMIT 1) success ON true
+  LEFT JOIN sync_latest latest ON latest.user_id = pair.user_id AND latest.symbol = pair.symbol
   LEFT JOIN LATERAL (
         SELECT count(*) AS rejected_open FROM rejected_fills r
          WHERE r.user_id = pair.user_id AND r.resolved_at IS NULL
@@ -4102,7 +4576,7 @@ def configured_pairs(users: Iterable[UserConfig]) -> list[tuple[str, str]]:
 
 
 def pair_status(conn: Conn, cfg: Config, users: list[UserConfig]) -> list[dict]:
-    """Per configured pair: its latest sync_status row and its last success (index lookups)."""
+    """Per configured pair: its latest state (sync_latest) and cursor: a lookup each."""
     pairs = configured_pairs(users)
     try:
         with conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
@@ -4797,10 +5271,16 @@ def prepare_database(cfg: Config) -> Conn:
             f"database unreachable ({db.host}:{db.port}/{db.dbname}): {exc}"
         ) from None
     try:
-        ensure_schema(conn)
+        ensure_schema(conn, db.partition_fills)
+        maintain_partitions(conn, db.partition_fills, cfg.sync.status_retention_days)
     except DatabaseError as exc:
         conn.close()
         raise DatabaseError(f"database {db.host}:{db.port}/{db.dbname}: {exc}") from None
+    except psycopg2.Error as exc:
+        conn.close()
+        raise DatabaseError(
+            f"database {db.host}:{db.port}/{db.dbname}: {describe_db_error(exc)}"
+        ) from None
     return conn
 
 

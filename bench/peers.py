@@ -147,6 +147,7 @@ def storage(count: str, host: str, port: str, user: str, *dbnames: str) -> dict:
         Store,
         connect,
         ensure_schema,
+        maintain_partitions,
         parse_fill,
     )
 
@@ -160,6 +161,7 @@ def storage(count: str, host: str, port: str, user: str, *dbnames: str) -> dict:
         db = DatabaseConfig(host, int(port), user, "", dbname, "disable")
         conn = connect(db)
         ensure_schema(conn)
+        maintain_partitions(conn)
         conn.close()
         store, rows, started = Store(db), 0, time.perf_counter()
         if method == "save_batch":
