@@ -3200,8 +3200,14 @@ def open_database(db: DatabaseConfig, create: bool = True) -> Conn:
         return connect(db)
     except psycopg2.OperationalError as exc:
         failure = exc
-    if database_exists(db) is not False:  # it exists, or the server cannot be asked
+    exists = database_exists(db)
+    if exists is None:  # the server cannot be asked
         raise DatabaseError(describe_db_error(failure))
+    if exists:  # the failure was another, or another weex_sync created it a moment ago
+        try:
+            return connect(db)
+        except psycopg2.Error as exc:
+            raise DatabaseError(describe_db_error(exc)) from None
     if not create:
         raise DatabaseError(f'database "{db.dbname}" does not exist (nothing was created)')
     try:
@@ -3214,15 +3220,20 @@ def open_database(db: DatabaseConfig, create: bool = True) -> Conn:
             admin.close()
         log.info("created database %s on %s:%s", db.dbname, db.host, db.port)
     except (psycopg2.errors.DuplicateDatabase, psycopg2.errors.UniqueViolation):
-        pass  # another weex_sync created it a moment ago (pg_database's unique index says so)
+        pass  # another weex_sync is creating it (pg_database's unique index says so)
     except psycopg2.Error as exc:
         raise DatabaseError(
             f'database "{db.dbname}" does not exist and cannot be created: {describe_db_error(exc)}'
         ) from None
-    try:
-        return connect(db)
-    except psycopg2.Error as exc:
-        raise DatabaseError(describe_db_error(exc)) from None
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return connect(db)
+        except psycopg2.OperationalError as exc:
+            # the other's CREATE DATABASE may not have committed yet: wait for it a while
+            if time.monotonic() > deadline or database_exists(db) is not False:
+                raise DatabaseError(describe_db_error(exc)) from None
+            time.sleep(0.1)
 
 
 def database_exists(db: DatabaseConfig) -> bool | None:
@@ -3404,6 +3415,7 @@ def utc_day(epoch: float) -> dt.datetime:
     return moment.replace(hour=0, minute=0, second=0, microsecond=0)
 
 
+RETENTION_LOCK_TIMEOUT = "2s"  # how long a drop waits for readers of sync_status; then: next pass
 STATUS_DAYS_AHEAD = 2  # days' partitions made ahead: a pass never writes to a day without one
 FILLS_MONTHS_AHEAD = 2
 FILLS_MONTHS_BACK = 13  # made with the table: the v3 history (365 days) and a month
@@ -3516,14 +3528,27 @@ def drop_old_status_days(conn: Conn, days: int, now: float) -> None:
         return
     cutoff = utc_day(now).date() - dt.timedelta(days=days)
     pending = partitions(conn, "sync_status")
-    for name, (_, end) in status_day_ranges(pending).items():
-        if end > cutoff:
-            continue
+    old = [name for name, (_, end) in status_day_ranges(pending).items() if end <= cutoff]
+    for name in sorted(old, key=lambda n: not pending[n]):  # one detach may be pending at once
         table = sql.Identifier(name)
         with autocommit(conn), conn.cursor() as cur:
-            how = "FINALIZE" if pending[name] else "CONCURRENTLY"
-            cur.execute(sql.SQL("ALTER TABLE sync_status DETACH PARTITION {} " + how).format(table))
-            cur.execute(sql.SQL("DROP TABLE {}").format(table))
+            cur.execute("SET lock_timeout = %s", (RETENTION_LOCK_TIMEOUT,))  # it can wait a day
+            try:
+                how = "FINALIZE" if pending[name] else "CONCURRENTLY"
+                cur.execute(
+                    sql.SQL("ALTER TABLE sync_status DETACH PARTITION {} " + how).format(table)
+                )
+                cur.execute(sql.SQL("DROP TABLE {}").format(table))
+            except psycopg2.errors.LockNotAvailable:
+                log.warning(
+                    "partition maintenance: %s is not dropped yet: a transaction reading "
+                    "sync_status was open for over %s; a later pass finishes it",
+                    name,
+                    RETENTION_LOCK_TIMEOUT,
+                )
+                return
+            finally:
+                cur.execute("RESET lock_timeout")
         log.info(
             "dropped %s: status rows older than %s (sync.status_retention_days)",
             name,
