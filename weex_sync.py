@@ -9,18 +9,21 @@ the outcome to ``sync_status``.
 
 The file reads top to bottom, each section using only the ones above it:
 
-1. Configuration      -- the YAML file, environment overrides, validation (ConfigError)
+1. Configuration      -- the YAML file, the env file, environment overrides, validation
 2. Errors             -- one exception tree: SyncError and its subclasses
 3. Logging            -- secrets scrubbed, control characters escaped, text or JSON lines
-4. WEEX client        -- the two API versions, signing, the shared rate budget, the one retry
-                         layer, response classification
-5. Parsing            -- an answer's fills, validated (v2 and v3 field mappings)
-6. Paging             -- windows, the walk over a time range in either sort order, bursts
-7. Concurrency        -- Stop, batched(), prefetch()
-8. Storage            -- schema, locks, the cursor, batches of fills, status rows
+4. Fills              -- the two API versions (tables, not branches), an answer's fills
+                         validated
+5. WEEX client        -- Stop, the request deadline, signing, the shared rate budget, the
+                         exchange's clock, what an answer means, the one retry layer
+6. Paging             -- the cursor rule (plan_walk), the walk over its ranges in whatever
+                         order pages come, bursts
+7. Concurrency        -- batched(), prefetch(), the stop signals
+8. Storage            -- schema and its upgrade, partitions, locks, claims, the cursor,
+                         batches of fills, status rows
 9. The pass           -- sync_pair() per (user, symbol), SyncPass orchestrating a worker pool
 10. Operator commands -- --check, --status, --metrics-file
-11. Command line      -- argparse, signals, main()
+11. Command line      -- argparse, main()
 
 It depends only on psycopg2, requests and PyYAML, so it can be copied alone to a server.
 """
@@ -72,7 +75,7 @@ import yaml
 from psycopg2 import sql
 from requests.adapters import HTTPAdapter
 
-__version__ = "3.0.0"
+__version__ = "3.1.0"
 
 log = logging.getLogger("weex_sync")
 
@@ -775,7 +778,7 @@ class BadData(SyncError):
     kind = "rejected_fills"
 
 
-class DatabaseError(SyncError):
+class StorageError(SyncError):
     """PostgreSQL failed (or went away); the next pass resumes from the last commit."""
 
     kind = "database"
@@ -904,6 +907,10 @@ def setup_logging(level: str, redact: Redactor, fmt: str = "text", quiet: bool =
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith('s') else 's'}"
 
 
 # =============================================================================================
@@ -1319,7 +1326,7 @@ def to_json_checked(obj: dict, where: str) -> str:
 
 
 # =============================================================================================
-# 5. WEEX client: signing, the shared rate budget, retries, what an answer means
+# 5. WEEX client: Stop, deadlines, signing, the shared rate budget, retries, what an answer means
 # =============================================================================================
 
 
@@ -1562,10 +1569,18 @@ class _ClockRejected(Exception):
 class HostWatch:
     """Shared by the clients of one pass: once one finds the exchange's host unreachable after
     all its retries, the others stop retrying and fail with the same message (one line per
-    pair, and a pass against a dead host ends in seconds, not retries x pairs)."""
+    pair, and a pass against a dead host ends in seconds, not retries x pairs). The pass
+    itself learns it from the outcomes its pairs return."""
 
     def __init__(self) -> None:
-        self.unreachable: ExchangeUnreachable | None = None
+        self._unreachable: ExchangeUnreachable | None = None
+
+    def found_unreachable(self, error: ExchangeUnreachable) -> None:
+        self._unreachable = self._unreachable or error
+
+    def unreachable(self) -> ExchangeUnreachable | None:
+        """The error of the first client that gave up on the host, if one did."""
+        return self._unreachable
 
 
 def sign(secret_key: str, timestamp: str, method: str, path: str, query: str, body: str) -> str:
@@ -2302,12 +2317,13 @@ class FillsClient:
                 clock_resynced = True
             except _Transient as exc:
                 failures += 1
-                if isinstance(exc, _Unreachable) and self.host.unreachable:
-                    raise self.host.unreachable from None
+                known = self.host.unreachable()
+                if isinstance(exc, _Unreachable) and known is not None:
+                    raise known from None
                 if failures > self.cfg.max_retries:
                     error = exc.give_up(failures)
                     if isinstance(error, ExchangeUnreachable):
-                        self.host.unreachable = error
+                        self.host.found_unreachable(error)
                     raise error from None
                 delay = (
                     exc.retry_after if exc.retry_after is not None else backoff_seconds(failures)
@@ -2723,7 +2739,7 @@ def resolve_burst(
 
 
 # =============================================================================================
-# 7. Concurrency: batches, prefetching
+# 7. Concurrency: batches, prefetching, stop signals
 # =============================================================================================
 
 BATCH_PAGES = 10  # pages per transaction at most: 1,000 fills at the default page size
@@ -2803,8 +2819,43 @@ def prefetch(items: Iterator[T], stop: Stop, depth: int = 2) -> Iterator[Iterato
         worker.join()
 
 
+def install_stop_handlers(stop: Stop, busy: threading.Event) -> dict[int, Any]:
+    """SIGINT/SIGTERM: the running batches commit, then the process exits. A second signal
+    exits at once (crash safety makes that harmless). Returns the previous handlers."""
+
+    def handle(signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            log.warning("%s received again: stopping at once", name)
+            logging.shutdown()
+            os._exit(128 + signum)
+        stop.set()
+        if busy.is_set():
+            log.warning("%s received: finishing the current batches (again: stop at once)", name)
+        else:
+            log.warning("%s received: stopping", name)
+        if SIGNALS_INTERRUPT.is_set():  # the main thread is in a call nothing else wakes
+            raise Interrupted()
+
+    return {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+# Set while the main thread makes a request outside the pool (the exchange's clock): a socket
+# still connecting is not yet the watchdog's to shut, so the stop signal raises instead.
+SIGNALS_INTERRUPT = threading.Event()
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    SIGNALS_INTERRUPT.set()
+    try:
+        yield
+    finally:
+        SIGNALS_INTERRUPT.clear()
+
+
 # =============================================================================================
-# 8. Storage: schema, locks, the cursor, batches of fills, status rows
+# 8. Storage: schema and partitions, locks, claims, the cursor, batches of fills, status rows
 # =============================================================================================
 
 SCHEMA_VERSION = 4
@@ -3162,7 +3213,7 @@ def one_row(cur: psycopg2.extensions.cursor) -> tuple:
     """The row a statement that always returns one (an aggregate, RETURNING) returned."""
     row = cur.fetchone()
     if row is None:
-        raise DatabaseError("database error: a statement returned no row")
+        raise StorageError("database error: a statement returned no row")
     return row
 
 
@@ -3202,14 +3253,14 @@ def open_database(db: DatabaseConfig, create: bool = True) -> Conn:
         failure = exc
     exists = database_exists(db)
     if exists is None:  # the server cannot be asked
-        raise DatabaseError(describe_db_error(failure))
+        raise StorageError(describe_db_error(failure))
     if exists:  # the failure was another, or another weex_sync created it a moment ago
         try:
             return connect(db)
         except psycopg2.Error as exc:
-            raise DatabaseError(describe_db_error(exc)) from None
+            raise StorageError(describe_db_error(exc)) from None
     if not create:
-        raise DatabaseError(f'database "{db.dbname}" does not exist (nothing was created)')
+        raise StorageError(f'database "{db.dbname}" does not exist (nothing was created)')
     try:
         admin = connect(db, "postgres")
         admin.autocommit = True
@@ -3222,7 +3273,7 @@ def open_database(db: DatabaseConfig, create: bool = True) -> Conn:
     except (psycopg2.errors.DuplicateDatabase, psycopg2.errors.UniqueViolation):
         pass  # another weex_sync is creating it (pg_database's unique index says so)
     except psycopg2.Error as exc:
-        raise DatabaseError(
+        raise StorageError(
             f'database "{db.dbname}" does not exist and cannot be created: {describe_db_error(exc)}'
         ) from None
     deadline = time.monotonic() + 10
@@ -3232,7 +3283,7 @@ def open_database(db: DatabaseConfig, create: bool = True) -> Conn:
         except psycopg2.OperationalError as exc:
             # the other's CREATE DATABASE may not have committed yet: wait for it a while
             if time.monotonic() > deadline or database_exists(db) is not False:
-                raise DatabaseError(describe_db_error(exc)) from None
+                raise StorageError(describe_db_error(exc)) from None
             time.sleep(0.1)
 
 
@@ -3253,22 +3304,22 @@ def database_exists(db: DatabaseConfig) -> bool | None:
 
 
 def open_for_reading(db: DatabaseConfig) -> Conn:
-    """A connection to an existing database with weex_sync's current tables; DatabaseError
+    """A connection to an existing database with weex_sync's current tables; StorageError
     (exit 3) otherwise. Creates nothing: --status must not make a mistyped dbname real."""
     conn = open_database(db, create=False)
     try:
         version = schema_version(conn)
     except psycopg2.Error as exc:
         conn.close()
-        raise DatabaseError(describe_db_error(exc)) from None
+        raise StorageError(describe_db_error(exc)) from None
     if version < SCHEMA_VERSION:
         conn.close()
         if version == 0:
-            raise DatabaseError(
+            raise StorageError(
                 f"database {db.dbname} has no weex_sync tables (nothing was created): run a "
                 "pass first"
             )
-        raise DatabaseError(
+        raise StorageError(
             f"database {db.dbname} holds weex_sync's schema version {version}, this weex_sync "
             f"reads version {SCHEMA_VERSION}: run a pass to upgrade it"
         )
@@ -3284,7 +3335,7 @@ def ensure_schema(conn: Conn, partition_fills: str = "none") -> None:
         if schema_version(conn) >= SCHEMA_VERSION:
             return
         if not _schema_lock(conn):
-            raise DatabaseError(
+            raise StorageError(
                 "another weex_sync process has been creating or upgrading the schema for "
                 f"{SCHEMA_LOCK_PATIENCE:.0f} s (building indexes on a large table takes "
                 "minutes): this pass did nothing; the next one runs once it is done"
@@ -3302,7 +3353,7 @@ def ensure_schema(conn: Conn, partition_fills: str = "none") -> None:
             with conn, conn.cursor() as cur:
                 cur.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK_KEY,))
     except psycopg2.Error as exc:
-        raise DatabaseError(
+        raise StorageError(
             f"cannot create or upgrade the schema: {describe_db_error(exc)}"
         ) from None
 
@@ -3610,6 +3661,29 @@ def fills_months_ahead(conn: Conn, partition_fills: str, now: float) -> None:
             )
 
 
+def prepare_database(cfg: Config) -> Conn:
+    """Connect (creating the database if missing) and bring the schema up to date."""
+    db = cfg.database
+    try:
+        conn = open_database(db)
+    except StorageError as exc:
+        raise StorageError(
+            f"database unreachable ({db.host}:{db.port}/{db.dbname}): {exc}"
+        ) from None
+    try:
+        ensure_schema(conn, db.partition_fills)
+        maintain_partitions(conn, db.partition_fills, cfg.sync.status_retention_days)
+    except StorageError as exc:
+        conn.close()
+        raise StorageError(f"database {db.host}:{db.port}/{db.dbname}: {exc}") from None
+    except psycopg2.Error as exc:
+        conn.close()
+        raise StorageError(
+            f"database {db.host}:{db.port}/{db.dbname}: {describe_db_error(exc)}"
+        ) from None
+    return conn
+
+
 def schema_version(conn: Conn) -> int:
     with conn, conn.cursor() as cur:
         cur.execute("SELECT to_regclass('weex_sync_schema') IS NOT NULL")
@@ -3719,7 +3793,7 @@ def _rejected_columns(rejected: list[Rejected]) -> dict[str, list]:
 
 class Store:
     """One PostgreSQL connection and every statement a pass runs on it. Each psycopg2 error
-    leaves as DatabaseError and drops the connection, so the next call reconnects (the pair's
+    leaves as StorageError and drops the connection, so the next call reconnects (the pair's
     advisory lock dies with the old session, as it should)."""
 
     def __init__(self, db: DatabaseConfig) -> None:
@@ -3748,7 +3822,7 @@ class Store:
                 conn.commit()
         except psycopg2.Error as exc:
             self.close()
-            raise DatabaseError(f"database error: {describe_db_error(exc)}") from None
+            raise StorageError(f"database error: {describe_db_error(exc)}") from None
 
     def close(self) -> None:
         self.held = False
@@ -3764,7 +3838,7 @@ class Store:
             return bool(one_row(cur)[0])
 
     def unlock(self, user_id: str, symbol: str) -> None:
-        with contextlib.suppress(DatabaseError), self.transaction() as cur:
+        with contextlib.suppress(StorageError), self.transaction() as cur:
             cur.execute("SELECT pg_advisory_unlock(%s)", (lock_key(user_id, symbol),))
 
     def load_state(self, user_id: str, symbol: str) -> tuple[Cursor | None, int | None]:
@@ -3795,18 +3869,6 @@ class Store:
     ) -> int | None:
         cur.execute(NEWEST_FILL_SQL, {"user_id": user_id, "symbol": symbol, "floor": floor})
         return one_row(cur)[0]
-
-    def last_synced(self) -> dict[tuple[str, str], dt.datetime]:
-        """When each pair's cursor last moved."""
-        with self.transaction() as cur:
-            cur.execute("SELECT user_id, symbol, updated_at FROM sync_cursor")
-            return {(u, s): t for u, s, t in cur.fetchall()}
-
-    def last_claimed(self) -> dict[str, dt.datetime]:
-        """When each user (or account) was last claimed: the pass starts with the stalest."""
-        with self.transaction() as cur:
-            cur.execute("SELECT claim_key, claimed_at FROM sync_claims")
-            return dict(cur.fetchall())
 
     def claim(self, keys: list[str], pass_id: str, interval: int) -> set[str]:
         """The keys this pass now holds (see CLAIM_SQL)."""
@@ -3963,15 +4025,25 @@ class PassOptions:
         return self.min_interval > 0 and not (self.repair or self.dry_run)
 
 
+class PairStatus(enum.StrEnum):
+    """How a (user, symbol) came out of a pass. Only SUCCESS and ERROR (INTERRUPTED is
+    recorded as an error) make a sync_status row."""
+
+    SUCCESS = "success"
+    ERROR = "error"
+    SKIPPED = "skipped"  # another pass holds its lock
+    INTERRUPTED = "interrupted"  # a stop signal
+    LEFT = "left"  # the time limit (--max-seconds): the next pass starts with it
+    FRESH = "fresh"  # another pass claimed its user within sync.min_interval_seconds
+
+
 @dataclass
 class Outcome:
     """What one (user, symbol) came to in a pass. It reports itself: a log line, a status row."""
 
     user_id: str
     symbol: str
-    # success | error | skipped (locked by another pass) | interrupted | left (time limit) |
-    # fresh (another pass claimed its user within sync.min_interval_seconds)
-    status: str = "success"
+    status: PairStatus = PairStatus.SUCCESS
     fetched: int = 0
     inserted: int = 0
     late: int = 0
@@ -3995,7 +4067,7 @@ class Outcome:
         return self.fetched - self.inserted - self.quarantined
 
     def fail(self, cause: SyncError) -> None:
-        self.status, self.error, self.cause = "error", str(cause), cause
+        self.status, self.error, self.cause = PairStatus.ERROR, str(cause), cause
 
     def note_rejected(self, rejected: list[Rejected], still_open: int) -> None:
         """Count fills put in the quarantine, and log the first few of each pass."""
@@ -4013,10 +4085,10 @@ class Outcome:
 
     def status_row(self, pass_id: str) -> dict | None:
         """The sync_status row; none for a pair skipped or left for the next pass."""
-        if self.status not in ("success", "error", "interrupted"):
+        if self.status not in (PairStatus.SUCCESS, PairStatus.ERROR, PairStatus.INTERRUPTED):
             return None
         error = self.error
-        if self.status == "interrupted":
+        if self.status == PairStatus.INTERRUPTED:
             error = "interrupted by a stop signal; the next pass resumes"
         return {
             "pass_id": pass_id,
@@ -4028,14 +4100,14 @@ class Outcome:
             "fetched": self.fetched,
             "requests": self.requests,
             "duration_ms": self.duration_ms,
-            "status": "success" if self.status == "success" else "error",
+            "status": "success" if self.status == PairStatus.SUCCESS else "error",
             "last_trade_time": self.newest,
             "error": error,
             "error_kind": (
                 None
-                if self.status == "success"
+                if self.status == PairStatus.SUCCESS
                 else "interrupted"
-                if self.status == "interrupted"
+                if self.status == PairStatus.INTERRUPTED
                 else self.cause.kind
                 if self.cause
                 else "internal"
@@ -4060,9 +4132,9 @@ class Outcome:
             "requests": self.requests,
             "duration_ms": self.duration_ms,
         }
-        if self.status == "success":
+        if self.status == PairStatus.SUCCESS:
             log.info("%s: ok %s", self.name, counts, extra={"event": "synced", **fields})
-        elif self.status == "error":
+        elif self.status == PairStatus.ERROR:
             log.error(
                 "%s: error %s: %s",
                 self.name,
@@ -4070,20 +4142,20 @@ class Outcome:
                 self.error,
                 extra={"event": "sync_error", "error": self.error, **fields},
             )
-        elif self.status == "interrupted":
+        elif self.status == PairStatus.INTERRUPTED:
             log.warning(
                 "%s: interrupted after %d new fills; the next pass resumes where this one stopped",
                 self.name,
                 self.inserted,
                 extra={"event": "interrupted", **fields},
             )
-        elif self.status == "skipped":
+        elif self.status == PairStatus.SKIPPED:
             log.warning(
                 "%s: skipped, another weex_sync process is syncing it",
                 self.name,
                 extra={"event": "skipped", **fields},
             )
-        elif self.status == "fresh":
+        elif self.status == PairStatus.FRESH:
             log.debug("%s: claimed by another pass a moment ago; not synced again", self.name)
         else:
             log.debug("%s: left for the next pass (time limit)", self.name)
@@ -4172,9 +4244,9 @@ def sync_pair(
                     f"{ctx.options.lock_wait:.0f}s; run the re-scan again (--lock-wait N)"
                 )
             else:
-                outcome.status = "skipped"
+                outcome.status = PairStatus.SKIPPED
         except Interrupted:
-            outcome.status = "interrupted"
+            outcome.status = PairStatus.INTERRUPTED
         except SyncError as exc:
             outcome.fail(exc)
         except Exception as exc:  # one pair's bug must not stop the pass
@@ -4302,15 +4374,18 @@ def claim_key(user: UserConfig) -> str:
     return f"account {user.account}" if user.account else f"user {user.user_id}"
 
 
-def stalest_first(db: DatabaseConfig, users: list[UserConfig]) -> list[UserConfig]:
+def stalest_first(conn: Conn, users: list[UserConfig]) -> list[UserConfig]:
     """Users synced (or claimed) least recently first (never: before all), so a pass cut short
     by --max-seconds leaves the freshest for the next one, and passes of several machines meet
     the same order."""
-    store = Store(db)
     try:
-        claimed, synced = store.last_claimed(), store.last_synced()
-    finally:
-        store.close()
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT claim_key, claimed_at FROM sync_claims")
+            claimed = dict(cur.fetchall())
+            cur.execute("SELECT user_id, symbol, updated_at FROM sync_cursor")
+            synced = {(u, s): t for u, s, t in cur.fetchall()}
+    except psycopg2.Error as exc:
+        raise StorageError(f"database error: {describe_db_error(exc)}") from None
     never = dt.datetime.min.replace(tzinfo=dt.UTC)
 
     def staleness(user: UserConfig) -> dt.datetime:
@@ -4385,10 +4460,7 @@ def log_pass_summary(ctx: PassContext, outcomes: list[Outcome], seconds: float) 
             offset / SECOND_MS,
             extra={"event": "clock_offset", "pass_id": ctx.pass_id},
         )
-    counts = {
-        s: sum(o.status == s for o in outcomes)
-        for s in ("success", "error", "skipped", "interrupted", "left", "fresh")
-    }
+    counts = {s.value: sum(o.status == s for o in outcomes) for s in PairStatus}
     totals = {
         "fetched": sum(o.fetched for o in outcomes),
         "inserted": sum(o.inserted for o in outcomes),
@@ -4443,23 +4515,25 @@ class SyncPass:
             time.monotonic() + ctx.options.max_seconds if ctx.options.max_seconds else None
         )
         self.claims: Claims | None = None
+        self.unreachable: ExchangeUnreachable | None = None  # from a pair's outcome
         self._local = threading.local()
         self._workers: list[Worker] = []
         self._workers_lock = threading.Lock()
 
-    def run(self, users: list[UserConfig]) -> list[Outcome]:
+    def run(self, users: list[UserConfig], conn: Conn) -> list[Outcome]:
+        """The pass over ``users``; ``conn`` (the pass's set-up connection) orders them."""
         started = time.monotonic()
         with contextlib.suppress(Interrupted), signals_interrupt():
             self.ctx.clock.ensure_measured(
                 self.cfg.weex, APIS[self.cfg.weex.api_version], self.ctx.limiter, self.ctx.stop
             )
-        users = stalest_first(self.cfg.database, users)
+        users = stalest_first(conn, users)
         self.claims = Claims(self.ctx, users) if self.ctx.options.claims else None
         log_pass_start(self.ctx, users)
         try:
             outcomes = self._run_pool(users)
             if self.claims is not None:  # users left by the time limit: free them at once
-                left = {o.user_id for o in outcomes if o.status == "left"}
+                left = {o.user_id for o in outcomes if o.status == PairStatus.LEFT}
                 self.claims.release([u for u in users if u.user_id in left], self._worker().store)
         finally:
             for worker in self._workers:
@@ -4500,25 +4574,29 @@ class SyncPass:
         """The user's pairs in order. A credentials failure fails the rest without requests, and
         an unreachable exchange fails every pair still waiting, with the same message."""
         outcomes: list[Outcome] = []
-        user_error: SyncError | None = None
+        user_error: SyncError | None = None  # fails the user's other pairs without requests
         if self.claims is not None and not self._past_deadline():
             try:
                 held = self.claims.holds(user, self._worker().store)
             except SyncError as exc:
                 held, user_error = True, exc  # every pair of the user fails with it
             if not held:  # another pass synced it within min_interval, or is at it
-                return [Outcome(user.user_id, scope, status="fresh") for scope in user.symbols]
+                fresh = PairStatus.FRESH
+                return [Outcome(user.user_id, scope, status=fresh) for scope in user.symbols]
         for scope in user.symbols:
             if self.ctx.stop.is_set():
                 break
+            failed = user_error or self.unreachable
             if self._past_deadline():
-                outcome = Outcome(user.user_id, scope, status="left")
-            elif user_error or self.ctx.host.unreachable:
+                outcome = Outcome(user.user_id, scope, status=PairStatus.LEFT)
+            elif failed is not None:
                 outcome = Outcome(user.user_id, scope)
-                outcome.fail(user_error or self.ctx.host.unreachable)  # type: ignore[arg-type]
+                outcome.fail(failed)
             else:
                 outcome = sync_pair(self.ctx, self._worker(), user, scope, self._report)
-                if outcome.cause is not None and outcome.cause.user_wide:
+                if isinstance(outcome.cause, ExchangeUnreachable):
+                    self.unreachable = self.unreachable or outcome.cause  # every pair waiting
+                elif outcome.cause is not None and outcome.cause.user_wide:
                     user_error = outcome.cause
                 outcomes.append(outcome)
                 continue
@@ -4553,23 +4631,20 @@ def unrecorded(outcome: Outcome, reason: str) -> None:
         outcome.inserted -= outcome.uncommitted.inserted
         outcome.late -= outcome.uncommitted.late
         outcome.uncommitted = None
-    if outcome.status == "error":
+    if outcome.status == PairStatus.ERROR:
         log.error("%s: cannot record sync_status: %s", outcome.name, reason)
     else:
         outcome.fail(
-            DatabaseError(
+            StorageError(
                 f"cannot record sync_status, so the pass's last batch is not stored either "
                 f"(the next pass reads it again): {reason}"
             )
         )
 
 
-def plural(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith('s') else 's'}"
-
-
 def exit_code(outcomes: list[Outcome]) -> int:
-    return EXIT_SYNC_FAILED if any(o.status == "error" for o in outcomes) else EXIT_OK
+    failed = any(o.status == PairStatus.ERROR for o in outcomes)
+    return EXIT_SYNC_FAILED if failed else EXIT_OK
 
 
 # =============================================================================================
@@ -4615,7 +4690,7 @@ def pair_status(conn: Conn, cfg: Config, users: list[UserConfig]) -> list[dict]:
             )
             return [dict(r) for r in cur.fetchall()]
     except psycopg2.Error as exc:
-        raise DatabaseError(describe_db_error(exc)) from None
+        raise StorageError(describe_db_error(exc)) from None
 
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -4898,7 +4973,10 @@ class Metrics:
         code: int,
         seconds: float,
         clock_offset_ms: int = 0,
+        conn: Conn | None = None,
     ) -> None:
+        """The metrics of a pass; the pairs' gauges are read through ``conn`` (None: the
+        database was unreachable, they keep their last values' absence)."""
         counters = self._previous_counters()
         values: dict[str, dict[str, float]] = {name: {} for name in self.HELP}
         for name, labels in counters:
@@ -4910,30 +4988,28 @@ class Metrics:
                 ("weex_sync_late_fills_total", o.late),
                 ("weex_sync_rejected_fills_total", o.quarantined),
                 ("weex_sync_requests_total", o.requests),
-                ("weex_sync_pair_errors_total", o.status == "error"),
+                ("weex_sync_pair_errors_total", o.status == PairStatus.ERROR),
             ):
                 values[name][labels] = values[name].get(labels, 0) + add
-            if o.status in ("success", "error"):
+            if o.status in (PairStatus.SUCCESS, PairStatus.ERROR):
                 values["weex_sync_last_sync_duration_seconds"][labels] = o.duration_ms / 1000
         values["weex_sync_passes_total"][""] = values["weex_sync_passes_total"].get("", 0) + 1
-        for status in ("success", "error", "skipped", "interrupted", "left", "fresh"):
+        for status in PairStatus:
             count = sum(o.status == status for o in outcomes)
-            values["weex_sync_pass_pairs"][_labels(outcome=status)] = count
+            values["weex_sync_pass_pairs"][_labels(outcome=status.value)] = count
         values["weex_sync_pass_duration_seconds"][""] = round(seconds, 3)
         values["weex_sync_pass_exit_code"][""] = code
         values["weex_sync_pass_timestamp_seconds"][""] = round(time.time(), 3)
         values["weex_sync_clock_offset_seconds"][""] = clock_offset_ms / SECOND_MS
-        self._pair_gauges(cfg, users, values)
+        self._pair_gauges(cfg, users, values, conn)
         self._replace_file(self._render(values))
 
     @staticmethod
-    def _pair_gauges(cfg: Config, users: list[UserConfig], values: dict) -> None:
+    def _pair_gauges(cfg: Config, users: list[UserConfig], values: dict, conn: Conn | None) -> None:
+        if conn is None or conn.closed:
+            return
         try:
-            conn = open_for_reading(cfg.database)
-            try:
-                rows = pair_status(conn, cfg, users)
-            finally:
-                conn.close()
+            rows = pair_status(conn, cfg, users)
         except SyncError as exc:
             log.warning("metrics: cannot read sync_status: %s", exc)
             return
@@ -5251,64 +5327,6 @@ def warn_if_plain_http(base_url: str) -> None:
         )
 
 
-def install_stop_handlers(stop: Stop, busy: threading.Event) -> dict[int, Any]:
-    """SIGINT/SIGTERM: the running batches commit, then the process exits. A second signal
-    exits at once (crash safety makes that harmless). Returns the previous handlers."""
-
-    def handle(signum: int, _frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if stop.is_set():
-            log.warning("%s received again: stopping at once", name)
-            logging.shutdown()
-            os._exit(128 + signum)
-        stop.set()
-        if busy.is_set():
-            log.warning("%s received: finishing the current batches (again: stop at once)", name)
-        else:
-            log.warning("%s received: stopping", name)
-        if SIGNALS_INTERRUPT.is_set():  # the main thread is in a call nothing else wakes
-            raise Interrupted()
-
-    return {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-
-# Set while the main thread makes a request outside the pool (the exchange's clock): a socket
-# still connecting is not yet the watchdog's to shut, so the stop signal raises instead.
-SIGNALS_INTERRUPT = threading.Event()
-
-
-@contextlib.contextmanager
-def signals_interrupt() -> Iterator[None]:
-    SIGNALS_INTERRUPT.set()
-    try:
-        yield
-    finally:
-        SIGNALS_INTERRUPT.clear()
-
-
-def prepare_database(cfg: Config) -> Conn:
-    """Connect (creating the database if missing) and bring the schema up to date."""
-    db = cfg.database
-    try:
-        conn = open_database(db)
-    except DatabaseError as exc:
-        raise DatabaseError(
-            f"database unreachable ({db.host}:{db.port}/{db.dbname}): {exc}"
-        ) from None
-    try:
-        ensure_schema(conn, db.partition_fills)
-        maintain_partitions(conn, db.partition_fills, cfg.sync.status_retention_days)
-    except DatabaseError as exc:
-        conn.close()
-        raise DatabaseError(f"database {db.host}:{db.port}/{db.dbname}: {exc}") from None
-    except psycopg2.Error as exc:
-        conn.close()
-        raise DatabaseError(
-            f"database {db.host}:{db.port}/{db.dbname}: {describe_db_error(exc)}"
-        ) from None
-    return conn
-
-
 def run_passes(
     cfg: Config,
     users: list[UserConfig],
@@ -5327,22 +5345,28 @@ def run_passes(
     passes = 0
 
     def one_pass() -> int:
-        started, outcomes = time.monotonic(), []
+        """Its set-up (schema, partitions, the order of the users) and the metrics after it
+        share one connection; the workers have their own."""
+        started, outcomes, conn = time.monotonic(), [], None
         busy.set()
         try:
-            prepare_database(cfg).close()
+            conn = prepare_database(cfg)
             ctx = PassContext(cfg, options, stop, clock, limiter, redact)
-            outcomes = SyncPass(ctx).run(users)
+            outcomes = SyncPass(ctx).run(users, conn)
             code = exit_code(outcomes)
-        except DatabaseError as exc:
+        except StorageError as exc:
             log.error("%s", exc, extra={"event": "db_unreachable"})
             code = EXIT_DB_UNREACHABLE
         finally:
             busy.clear()
-        if metrics_file:
-            Metrics(metrics_file).write(
-                cfg, users, outcomes, code, time.monotonic() - started, clock.offset_ms
-            )
+        try:
+            if metrics_file:
+                Metrics(metrics_file).write(
+                    cfg, users, outcomes, code, time.monotonic() - started, clock.offset_ms, conn
+                )
+        finally:
+            if conn is not None:
+                conn.close()
         return code
 
     try:
@@ -5402,7 +5426,7 @@ def run_command(
             if args.status:
                 return print_status(cfg, users, args.json, max_age)
             return run_check(cfg, users, redact)
-        except DatabaseError as exc:
+        except StorageError as exc:
             log.error("%s", redact(str(exc)), extra={"event": "db_unreachable"})
             return EXIT_DB_UNREACHABLE
     try:
