@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import psycopg2.extras
@@ -302,14 +303,27 @@ def make_account(sim: Simulator, n: int, symbols: list[str] | str | None = None)
     return account
 
 
+# Run a command (sys.argv[2:]) and write its peak RSS in KB to the file sys.argv[1].
+RSS_WRAPPER = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+with open(sys.argv[1], "w") as out:
+    out.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 class Harness:
-    """Writes a config for the simulator and the test database and runs weex_sync."""
+    """The one way tests run weex_sync: writes a config for an exchange (the simulator, or
+    test_hostile's hostile one: anything with a ``base_url``) and the test database, and runs
+    weex_sync in this process (``run``) or as its own (``popen``)."""
 
     def __init__(
-        self, tmp_path: Path, sim: Simulator, api: ApiMode, pg: dict, db_name: str, capsys
+        self, tmp_path: Path, exchange: Any, api: ApiMode, pg: dict, db_name: str, capsys
     ) -> None:
         self.tmp_path = tmp_path
-        self.sim = sim
+        self.sim = exchange  # the simulator's methods below need a Simulator
         self.api = api
         self.pg = pg
         self.db_name = db_name
@@ -323,6 +337,7 @@ class Harness:
             "min_interval_seconds": 0,
         }
         self.weex: dict = {
+            "base_url": exchange.base_url,
             "timeout_seconds": 2,
             "max_retries": 4,
             "api_version": api.version,
@@ -330,14 +345,23 @@ class Harness:
         }
         self.database: dict = {}
         self.processes: list[subprocess.Popen] = []
-        self.log = ""
-        self.out = ""
+        self.log = self.last_log = self.out = ""
+
+    @property
+    def user(self) -> Account:
+        return self.accounts[0]
+
+    def add_user(self, user_id: str, **fields: Any) -> Account:
+        """A configured account with fresh credentials (not added to any simulator)."""
+        account = Account.new(user_id, **fields)
+        self.accounts.append(account)
+        return account
 
     def config(self) -> dict:
         database = {"dbname": self.db_name, **self.pg, **self.database}
         return {
             "database": database,
-            "weex": {"base_url": self.sim.base_url, **self.weex},
+            "weex": dict(self.weex),
             "sync": {"users": [a.as_config() for a in self.accounts], **self.sync},
         }
 
@@ -369,13 +393,13 @@ class Harness:
 
     def write_config(self, data: dict | None = None, name: str = "config.yaml") -> Path:
         path = self.tmp_path / name
-        path.write_text(yaml.safe_dump(data or self.config()))
+        path.write_text(yaml.safe_dump(data or self.config()), encoding="utf-8")
         return path
 
-    def run(self, *args: str, env: dict | None = None, config: dict | None = None) -> int:
-        """weex_sync.main in this process; its log lines are appended to self.log, what it
-        printed is in self.out."""
-        path = self.write_config(config)
+    def run(self, *args: str, env: dict | None = None, config: Path | dict | None = None) -> int:
+        """weex_sync.main in this process (never to be sent a signal); its log lines are in
+        self.last_log and appended to self.log, what it printed is in self.out."""
+        path = config if isinstance(config, Path) else self.write_config(config)
         code = weex_sync.main(["-c", str(path), *args], environ=env or {})
         captured = self.capsys.readouterr()
         self.last_log, self.out = captured.err, captured.out
@@ -383,12 +407,20 @@ class Harness:
         return code
 
     def popen(
-        self, *args: str, config: dict | None = None, env: dict | None = None, name: str = ""
-    ):
+        self,
+        *args: str,
+        config: dict | None = None,
+        env: dict | None = None,
+        name: str = "",
+        rss_file: Path | None = None,
+    ) -> subprocess.Popen:
         """weex_sync.py as its own process, the way cron runs it; stderr is captured. Each
-        process reads a config file of its own (``name``: a new one unless given)."""
+        process reads a config file of its own (``name``: a new one unless given); with
+        ``rss_file``, under a wrapper that writes its peak RSS there (RSS_WRAPPER)."""
         name = name or f"config-{len(self.processes)}.yaml"
-        process = spawn_weex_sync("-c", str(self.write_config(config, name)), *args, env=env)
+        wrapper = () if rss_file is None else (sys.executable, "-c", RSS_WRAPPER, str(rss_file))
+        path = self.write_config(config, name)
+        process = spawn_weex_sync("-c", str(path), *args, env=env, wrapper=wrapper)
         self.processes.append(process)
         return process
 

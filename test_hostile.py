@@ -4,8 +4,8 @@ rows in PostgreSQL, sync_status rows, exit codes, log lines and bounded timings.
 
 The exchange here is not weex_sim: it is a bare ThreadingHTTPServer whose answers each test
 programs (any status, bytes and headers; trickled, stalled or dropped bodies; redirects; gzip
-bombs; huge bodies), answering v2 or v3 by path. weex_sync runs in-process (``Runner.run``) or as
-its own process (``Runner.popen``) where a test needs signals, --loop, its peak RSS or races.
+bombs; huge bodies), answering v2 or v3 by path. weex_sync runs in-process (``Harness.run``) or as
+its own process (``Harness.popen``) where a test needs signals, --loop, its peak RSS or races.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import re
 import secrets
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -39,12 +38,14 @@ import yaml
 
 import weex_sync
 from conftest import (
+    API_MODES,
     BTC,
     DAY_MS,
     ETH,
     START_MS,
     Account,
     Database,
+    Harness,
     database_exists,
     finish,
     now_ms,
@@ -306,92 +307,7 @@ def make_fill(version: int, trade_id: Any, at: Any, contract: str = BTC, **chang
 # --- running weex_sync -------------------------------------------------------------------------
 
 
-class Runner:
-    """Writes a weex_sync config (the test database, the hostile exchange, user1) and runs it."""
-
-    def __init__(
-        self,
-        tmp_path: Path,
-        exchange: HostileExchange,
-        pg: dict,
-        db_name: str,
-        capsys,
-        version: int,
-    ) -> None:
-        self.tmp_path = tmp_path
-        self.capsys = capsys
-        self.version = version
-        self.users = [Account.new("user1")]
-        self.database: dict = {"dbname": db_name, **pg}
-        self.weex: dict = {
-            "base_url": exchange.base_url,
-            "api_version": version,
-            "timeout_seconds": 1,
-            "max_retries": 1,
-            "rate_limit": {
-                "uid_weight": 1_000_000,
-                "ip_weight": 10_000_000,
-                "shared_file": str(tmp_path / "ratelimit"),
-            },
-        }
-        self.sync: dict = {"start_time": START_MS - 1000, "workers": 4, "min_interval_seconds": 0}
-        self.processes: list[subprocess.Popen] = []
-        self.log = self.out = ""
-
-    @property
-    def user(self) -> Account:
-        return self.users[0]
-
-    def add_user(self, user_id: str, **kwargs: Any) -> Account:
-        user = Account.new(user_id, **kwargs)
-        self.users.append(user)
-        return user
-
-    def config(self) -> dict:
-        return {
-            "database": dict(self.database),
-            "weex": dict(self.weex),
-            "sync": {**self.sync, "users": [u.as_config() for u in self.users]},
-        }
-
-    def write_config(self, config: dict | None = None, name: str = "config.yaml") -> Path:
-        path = self.tmp_path / name
-        path.write_text(yaml.safe_dump(config or self.config()), encoding="utf-8")
-        return path
-
-    def run(self, *args: str, env: dict | None = None, config: Path | dict | None = None) -> int:
-        """weex_sync.main in this process (never to be sent a signal); stderr lands in self.log,
-        stdout in self.out."""
-        path = config if isinstance(config, Path) else self.write_config(config)
-        code = weex_sync.main(["-c", str(path), *args], environ=env or {})
-        captured = self.capsys.readouterr()
-        self.log, self.out = captured.err, captured.out
-        return code
-
-    def popen(
-        self,
-        *args: str,
-        config: dict | None = None,
-        name: str = "config.yaml",
-        env: dict | None = None,
-        rss_file: Path | None = None,
-    ) -> subprocess.Popen:
-        """weex_sync.py as its own process, as cron or systemd runs it; with ``rss_file``, under
-        a wrapper that writes its peak RSS there (see RSS_WRAPPER)."""
-        path = self.write_config(config, name)
-        wrapper = () if rss_file is None else (sys.executable, "-c", RSS_WRAPPER, str(rss_file))
-        process = spawn_weex_sync("-c", str(path), *args, env=env, wrapper=wrapper)
-        self.processes.append(process)
-        return process
-
-    def kill_leftovers(self) -> None:
-        for process in self.processes:
-            if process.returncode is None and process.poll() is None:
-                process.kill()
-                process.communicate()
-
-
-def timed_run(runner: Runner, *args: str) -> tuple[int, float]:
+def timed_run(runner: Harness, *args: str) -> tuple[int, float]:
     """runner.run's exit code and how many seconds it took."""
     started = time.monotonic()
     code = runner.run(*args)
@@ -421,7 +337,19 @@ def second():
 
 @pytest.fixture
 def runner(tmp_path, exchange, pg, test_db_name, db, capsys, version):
-    runner = Runner(tmp_path, exchange, pg, test_db_name, capsys, version)
+    """The harness against the hostile exchange: user1 (symbols: [BTC]), one retry, a 1 s
+    timeout, the start just before START_MS."""
+    runner = Harness(
+        tmp_path,
+        exchange,
+        API_MODES["v3-newest" if version == 3 else "v2"],
+        pg,
+        test_db_name,
+        capsys,
+    )
+    runner.add_user("user1")
+    runner.weex.update(timeout_seconds=1, max_retries=1)
+    runner.sync = {"start_time": START_MS - 1000, "workers": 4, "min_interval_seconds": 0}
     yield runner
     runner.kill_leftovers()
 
@@ -498,12 +426,12 @@ def test_1_an_exchange_filtering_by_end_time_never_shows_it_and_later_fills_arri
     fills = [make_fill(version, 1, START_MS + 10), make_fill(version, 2, FAR_FUTURE)]
     exchange.fills = lambda request: answer(request, fills)
 
-    assert runner.run() == 0, runner.log
+    assert runner.run() == 0, runner.last_log
     assert stored_ids(db) == {"1"}
     assert db.scalar("SELECT synced_through FROM sync_cursor") <= now_ms()
 
     fills.append(make_fill(version, 3, now_ms() - 2000))  # a real fill, arriving later
-    assert runner.run() == 0, runner.log
+    assert runner.run() == 0, runner.last_log
     assert stored_ids(db) == {"1", "3"}
     assert db.scalar("SELECT synced_through FROM sync_cursor") <= now_ms()
 
@@ -537,7 +465,7 @@ def test_2_a_rescan_meeting_a_stored_key_with_another_fee_is_an_error(
     fee = "commission" if version == 3 else "fillFee"
     fills = [make_fill(version, 7, START_MS + 10)]
     exchange.fills = lambda request: answer(request, fills)
-    assert runner.run() == 0, runner.log
+    assert runner.run() == 0, runner.last_log
 
     fills[0] = make_fill(version, 7, START_MS + 10, **{fee: "0.5"})
     assert runner.run("--since", str(START_MS)) == 1
@@ -575,8 +503,8 @@ def run_cases(runner, exchange, db, cases: dict[str, tuple[dict, str | None]]) -
     """One user per case, all in one pass: a good fill, then the case's fill. ``cases``: name ->
     (changes to a good fill, the field the error must name; None: the fill is accepted).
     Returns the users by case name."""
-    version = runner.version
-    runner.users = []
+    version = runner.api.version
+    runner.accounts = []
     served = {}
     for n, (changes, field_name) in enumerate(cases.values(), start=1):
         user = runner.add_user(f"user{n}")
@@ -592,8 +520,8 @@ def run_cases(runner, exchange, db, cases: dict[str, tuple[dict, str | None]]) -
 
     exchange.fills = fills
     runner.run()
-    clean_lines(runner.log)
-    return dict(zip(cases, runner.users, strict=True))
+    clean_lines(runner.last_log)
+    return dict(zip(cases, runner.accounts, strict=True))
 
 
 def assert_rejected(db: Database, user: Account, name: str, field_name: str) -> None:
@@ -681,7 +609,7 @@ def test_4_a_user_id_with_a_newline_is_exit_2_before_anything_is_touched(
 
     assert runner.run() == 2
 
-    assert "sync.users[0].user_id" in line_with(runner.log, "configuration error")
+    assert "sync.users[0].user_id" in line_with(runner.last_log, "configuration error")
     assert exchange.requests == []
     assert not database_exists(pg, runner.database["dbname"])
 
@@ -749,7 +677,7 @@ def test_6_values_that_raised_tracebacks_are_named_one_line_errors(runner, excha
 
     for name, (_, field_name) in cases.items():
         assert_rejected(db, users[name], name, field_name)
-        line_with(runner.log, f"{users[name].user_id}/{BTC}: error")
+        line_with(runner.last_log, f"{users[name].user_id}/{BTC}: error")
 
 
 def test_6_json_nested_100000_deep_is_a_malformed_body_retried_then_an_error(runner, exchange, db):
@@ -761,7 +689,7 @@ def test_6_json_nested_100000_deep_is_a_malformed_body_retried_then_an_error(run
     assert "not JSON" in row["error_message"], row["error_message"]
     assert "gave up after 2 attempts" in row["error_message"]
     assert row["requests_count"] == 2 == len(exchange.fills_requests())
-    line_with(runner.log, "user1/cmt_btcusdt: error")
+    line_with(runner.last_log, "user1/cmt_btcusdt: error")
 
 
 def test_6_an_unreadable_exchange_clock_is_a_named_error(runner, exchange, db, version):
@@ -780,7 +708,7 @@ def test_6_an_unreadable_exchange_clock_is_a_named_error(runner, exchange, db, v
     row = only_status(db)
     assert "cannot read the exchange's clock" in row["error_message"], row["error_message"]
     assert f"/capi/v{version}/market/time" in row["error_message"]
-    clean_lines(runner.log)
+    clean_lines(runner.last_log)
 
 
 CONFIG_ERRORS = {
@@ -808,9 +736,9 @@ def test_6_config_values_that_raised_tracebacks_are_exit_2(runner, exchange, cas
 
     assert runner.run(*args, config=path) == 2
 
-    line = line_with(runner.log, "configuration error")
+    line = line_with(runner.last_log, "configuration error")
     assert named in line
-    assert value not in runner.log
+    assert value not in runner.last_log
     assert exchange.requests == []
 
 
@@ -832,7 +760,7 @@ def test_7_a_trickled_body_fails_within_about_the_timeout(runner, exchange, db):
 
     code, elapsed = timed_run(runner)
 
-    assert code == 1, runner.log
+    assert code == 1, runner.last_log
     assert elapsed < 6, elapsed  # two attempts of ~1 s, one backoff
     row = only_status(db)
     assert "did not arrive within" in row["error_message"], row["error_message"]
@@ -851,7 +779,7 @@ def test_7_a_connection_dropped_mid_body_is_retried(runner, exchange, db, versio
 
     exchange.fills = fills
 
-    assert runner.run() == 0, runner.log
+    assert runner.run() == 0, runner.last_log
 
     assert stored_ids(db) == {"1"}
     assert only_status(db)["requests_count"] == 2 == len(exchange.fills_requests())
@@ -872,7 +800,7 @@ def test_7_every_retry_is_signed_afresh_and_charged_to_the_budget(runner, exchan
     exchange.fills = fills
     runner.weex["max_retries"] = 3
 
-    assert runner.run() == 0, runner.log
+    assert runner.run() == 0, runner.last_log
 
     attempts = exchange.fills_requests()
     assert len(attempts) == 3 == only_status(db)["requests_count"]
@@ -908,7 +836,7 @@ def test_7_sigterm_ends_the_process_within_seconds_in_every_waiting_state(runner
     exchange.fills = lambda request: by_key[request.key]
     processes = {}
     for state, user in users.items():
-        runner.users = [user]
+        runner.accounts = [user]
         processes[state] = runner.popen("--once", name=f"{state}.yaml")
 
     for user in users.values():
@@ -960,7 +888,7 @@ def test_8_an_open_transaction_on_the_view_does_not_block_a_pass(runner, exchang
     with analyst(pg, db.name, "SELECT * FROM trade_fills_readable"):
         code, elapsed = timed_run(runner)
 
-    assert code == 0, runner.log
+    assert code == 0, runner.last_log
     assert elapsed < 5, elapsed  # it did not wait for the analyst
     assert stored_ids(db) == {"1"}
 
@@ -974,12 +902,12 @@ def test_8_an_upgrade_blocked_by_an_analyst_fails_with_exit_3_not_a_hang(
     with analyst(pg, db.name, "SELECT * FROM trade_fills_readable"):
         code, elapsed = timed_run(runner)
 
-    assert code == 3, runner.log
+    assert code == 3, runner.last_log
     assert elapsed < 5, elapsed
-    line = line_with(runner.log, "ERROR")
+    line = line_with(runner.last_log, "ERROR")
     assert "lock" in line, line
     assert exchange.fills_requests() == []
-    assert runner.run() == 0, runner.log  # the analyst is gone: the upgrade runs
+    assert runner.run() == 0, runner.last_log  # the analyst is gone: the upgrade runs
     assert db.scalar("SELECT max(version) FROM weex_sync_schema") >= 2
 
 
@@ -993,11 +921,11 @@ def test_8_a_lock_held_on_trade_fills_fails_the_pair_with_a_lock_timeout(
     with analyst(pg, db.name, "LOCK TABLE trade_fills IN EXCLUSIVE MODE"):
         code, elapsed = timed_run(runner)
 
-    assert code == 1, runner.log
+    assert code == 1, runner.last_log
     assert elapsed < 5, elapsed
     row = only_status(db)
     assert "lock timeout" in row["error_message"], row["error_message"]
-    clean_lines(runner.log)
+    clean_lines(runner.last_log)
     assert stored_ids(db) == set()
 
 
@@ -1010,7 +938,7 @@ def test_9_a_newline_in_an_exchange_message_cannot_forge_a_log_line(runner, exch
     exchange.fills = lambda request: error_reply(request, SYMBOL_CODE, f"x\n{FORGED}")
 
     assert runner.run() == 1
-    log = runner.log
+    log = runner.last_log
     assert runner.run("--status") == 0
 
     assert not [line for line in log.splitlines() if line.startswith(FORGED[:40])], log
@@ -1031,8 +959,8 @@ def leaked(secret: str, text: str, size: int = 6) -> list[str]:
 
 def test_10a_a_secret_near_the_cut_of_an_exchange_message_is_scrubbed(runner, exchange, db):
     offsets = (180, 186, 190, 194, 197, 199)
-    runner.users = [Account.new(f"user{offset}") for offset in offsets]
-    offset_of = {u.api_key: o for u, o in zip(runner.users, offsets, strict=True)}
+    runner.accounts = [Account.new(f"user{offset}") for offset in offsets]
+    offset_of = {u.api_key: o for u, o in zip(runner.accounts, offsets, strict=True)}
 
     def fills(request: Request) -> Reply:
         msg = "A" * offset_of[request.key] + request.headers["access-passphrase"] + " tail"
@@ -1041,11 +969,11 @@ def test_10a_a_secret_near_the_cut_of_an_exchange_message_is_scrubbed(runner, ex
     exchange.fills = fills
 
     assert runner.run("--log-level", "DEBUG") == 1
-    log = runner.log
+    log = runner.last_log
     assert runner.run("--status") == 0
     seen = log + runner.out + repr(db.status())
 
-    for user in runner.users:
+    for user in runner.accounts:
         assert leaked(user.passphrase, seen) == [], user.user_id
     assert len(exchange.fills_requests()) == len(offsets)
 
@@ -1071,7 +999,7 @@ def test_10a_a_secret_anywhere_in_an_exchange_answer_is_scrubbed(runner, exchang
 
     assert runner.run("--log-level", "DEBUG") == 1
 
-    seen = runner.log + repr(db.status())
+    seen = runner.last_log + repr(db.status())
     assert leaked(runner.user.passphrase, seen) == []
 
 
@@ -1080,18 +1008,18 @@ def test_10b_config_errors_never_echo_a_value_that_could_be_a_secret(runner, exc
     runner.database["password"] = password
 
     assert runner.run(env={"DB_PORT": password}) == 2
-    assert "database.port" in line_with(runner.log, "configuration error")
-    assert password not in runner.log + runner.out
+    assert "database.port" in line_with(runner.last_log, "configuration error")
+    assert password not in runner.last_log + runner.out
 
     assert runner.run("--user", runner.user.passphrase) == 2
-    assert "--user" in line_with(runner.log, "configuration error")
-    assert leaked(runner.user.passphrase, runner.log + runner.out) == []
+    assert "--user" in line_with(runner.last_log, "configuration error")
+    assert leaked(runner.user.passphrase, runner.last_log + runner.out) == []
     assert exchange.requests == []
 
 
 def test_10c_a_redirect_to_another_host_is_not_followed(runner, exchange, second, db):
-    runner.users = [Account.new("user302"), Account.new("user307")]
-    status_of = {runner.users[0].api_key: 302, runner.users[1].api_key: 307}
+    runner.accounts = [Account.new("user302"), Account.new("user307")]
+    status_of = {runner.accounts[0].api_key: 302, runner.accounts[1].api_key: 307}
 
     def fills(request: Request) -> Reply:
         location = f"{second.base_url}{request.path}?{urlencode(request.params)}"
@@ -1102,21 +1030,21 @@ def test_10c_a_redirect_to_another_host_is_not_followed(runner, exchange, second
     assert runner.run() == 1
 
     assert second.requests == []  # no ACCESS-KEY, no ACCESS-PASSPHRASE went there
-    for user in runner.users:
+    for user in runner.accounts:
         message = only_status(db, user.user_id)["error_message"]
         assert "redirect" in message and "not followed" in message, message
-    clean_lines(runner.log)
+    clean_lines(runner.last_log)
 
 
 def test_10d_plain_http_to_a_remote_host_is_one_warning(runner, exchange, db):
     assert runner.run("--status") == 0
-    assert "WARNING" not in runner.log  # 127.0.0.1 is this machine
+    assert "WARNING" not in runner.last_log  # 127.0.0.1 is this machine
 
     runner.weex["base_url"] = "http://weex.example"
     assert runner.run("--status") == 0
 
-    warnings = [line for line in clean_lines(runner.log) if " WARNING " in line]
-    assert len(warnings) == 1, runner.log
+    warnings = [line for line in clean_lines(runner.last_log) if " WARNING " in line]
+    assert len(warnings) == 1, runner.last_log
     assert "plain http" in warnings[0] and "weex.example" in warnings[0]
 
 
@@ -1138,14 +1066,6 @@ def gzip_bomb() -> bytes:
 # A process started straight from pytest would report pytest's own peak as its ru_maxrss:
 # subprocess starts it with vfork, and Linux keeps the high-water mark across exec. So a small
 # wrapper starts weex_sync, reaps it with os.wait4 and writes its ru_maxrss (KB) to a file.
-RSS_WRAPPER = """
-import os, subprocess, sys
-child = subprocess.Popen(sys.argv[2:])
-_, status, usage = os.wait4(child.pid, 0)
-with open(sys.argv[1], "w") as out:
-    out.write(str(usage.ru_maxrss))
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
 
 
 def test_11_a_huge_body_and_a_gzip_bomb_fail_the_request_and_memory_stays_low(runner, exchange, db):
@@ -1156,7 +1076,7 @@ def test_11_a_huge_body_and_a_gzip_bomb_fail_the_request_and_memory_stays_low(ru
     exchange.fills = lambda request: replies[request.key]
     processes = {}
     for name, user in users.items():
-        runner.users = [user]
+        runner.accounts = [user]
         rss_file = runner.tmp_path / f"{name}.maxrss"
         processes[name] = (runner.popen("--once", name=f"{name}.yaml", rss_file=rss_file), rss_file)
 
@@ -1202,10 +1122,10 @@ def test_13_a_rescan_waits_for_a_held_pair_then_fails_or_runs(runner, exchange, 
     holder.cursor().execute("SELECT pg_advisory_lock(%s)", (key,))
     try:
         code, elapsed = timed_run(runner, "--since", str(START_MS), "--lock-wait", "1")
-        assert code == 1, runner.log
+        assert code == 1, runner.last_log
         assert elapsed < 5, elapsed
 
-        assert "another weex_sync pass" in line_with(runner.log, "waiting up to 1s")
+        assert "another weex_sync pass" in line_with(runner.last_log, "waiting up to 1s")
         row = only_status(db)
         assert row["status"] == "error" and "not re-scanned" in row["error_message"]
         assert stored_ids(db) == set()
@@ -1215,7 +1135,7 @@ def test_13_a_rescan_waits_for_a_held_pair_then_fails_or_runs(runner, exchange, 
         )
         release.start()
         code, elapsed = timed_run(runner, "--since", str(START_MS), "--lock-wait", "10")
-        assert code == 0, runner.log
+        assert code == 0, runner.last_log
         assert 0.9 < elapsed < 8, elapsed
         release.join()
     finally:
@@ -1249,8 +1169,8 @@ def test_r3_1_trickled_headers_end_a_pass_within_the_retries(runner, exchange, d
         assert "did not arrive within weex.timeout_seconds" in row["error_message"]
         assert row["requests_count"] == 2
     else:  # the pass goes on with this machine's clock
-        assert code == 0, runner.log
-        assert "cannot read the exchange's clock" in runner.log
+        assert code == 0, runner.last_log
+        assert "cannot read the exchange's clock" in runner.last_log
 
 
 @pytest.mark.parametrize("endpoint", ["fills", "time"])
@@ -1284,7 +1204,7 @@ def test_r3_2_the_default_budget_file_is_private_to_the_user(runner, exchange, d
     del runner.weex["rate_limit"]["shared_file"]
     cache = tmp_path / "cache"
 
-    assert runner.run(env={"XDG_CACHE_HOME": str(cache)}) == 0, runner.log
+    assert runner.run(env={"XDG_CACHE_HOME": str(cache)}) == 0, runner.last_log
 
     path = cache / "weex_sync" / "ratelimit"
     assert path.is_file() and not path.is_symlink()
@@ -1324,10 +1244,10 @@ def test_r3_2_any_content_of_the_budget_file_is_discarded_with_one_warning(
 
     code, elapsed = timed_run(runner)
 
-    assert code == 0, runner.log
+    assert code == 0, runner.last_log
     assert elapsed < 4, elapsed  # never waits for what the file claims
-    clean_lines(runner.log)
-    warnings = [line for line in runner.log.splitlines() if "WARNING" in line]
+    clean_lines(runner.last_log)
+    warnings = [line for line in runner.last_log.splitlines() if "WARNING" in line]
     assert len(warnings) <= 1, warnings
     assert stored_ids(db) == {"1"}
 
@@ -1341,13 +1261,13 @@ def test_r3_2_a_negative_weight_does_not_switch_the_budget_off(runner, exchange,
     fills = [make_fill(3, n, now_ms() - 3_600_000 + n) for n in range(120)]
     exchange.fills = lambda request: answer(request, fills)
 
-    assert runner.run() == 0, runner.log
+    assert runner.run() == 0, runner.last_log
 
     times = [r.at_ms for r in exchange.fills_requests()]
     assert len(times) >= 3
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps) >= 1000, gaps  # the budget held: one request per window
-    assert "discarded" in line_with(runner.log, "WARNING")
+    assert "discarded" in line_with(runner.last_log, "WARNING")
 
 
 @pytest.mark.parametrize(
@@ -1369,9 +1289,9 @@ def test_r3_2_a_budget_file_that_is_not_ours_alone_is_refused(runner, exchange, 
 
     code, elapsed = timed_run(runner)
 
-    assert code == 0, runner.log
+    assert code == 0, runner.last_log
     assert elapsed < 4
-    line = line_with(runner.log, "cannot share the rate budget")
+    line = line_with(runner.last_log, "cannot share the rate budget")
     assert "this process keeps its own" in line
     assert target.read_text() == "keep me"
     assert stored_ids(db) == {"1"}
@@ -1410,8 +1330,10 @@ ECHOES = {
 def test_r3_3_an_escaped_secret_never_reaches_a_log_a_table_or_the_metrics(
     runner, exchange, db, tmp_path, log_format
 ):
-    runner.users = [escaped_account(f"user{n}") for n in range(1, len(ECHOES) + 1)]
-    echo_of = {u.api_key: (echo, u) for u, echo in zip(runner.users, ECHOES.values(), strict=True)}
+    runner.accounts = [escaped_account(f"user{n}") for n in range(1, len(ECHOES) + 1)]
+    echo_of = {
+        u.api_key: (echo, u) for u, echo in zip(runner.accounts, ECHOES.values(), strict=True)
+    }
     exchange.fills = lambda request: echo_of[request.key][0](request, echo_of[request.key][1])
     metrics = tmp_path / "weex_sync.prom"
 
@@ -1421,13 +1343,13 @@ def test_r3_3_an_escaped_secret_never_reaches_a_log_a_table_or_the_metrics(
         )
         == 1
     )
-    seen = runner.log
+    seen = runner.last_log
     assert runner.run("--status", "--json") == 0
     seen += runner.out + repr(db.status()) + repr(db.rows("SELECT * FROM rejected_fills"))
     seen += metrics.read_text()
 
     assert db.scalar("SELECT count(*) FROM rejected_fills") == 1  # the fill's echo is stored
-    for user in runner.users:
+    for user in runner.accounts:
         tag = user.passphrase[-13:-1]  # the random part both secrets share
         assert tag not in seen, (user.user_id, [line for line in seen.splitlines() if tag in line])
 
@@ -1452,7 +1374,7 @@ def test_r3_5_a_stale_exchange_clock_shows_as_stale_and_in_every_pass_summary(
     metrics = tmp_path / "weex_sync.prom"
 
     assert runner.run("--metrics-file", str(metrics)) == 0
-    warning = line_with(runner.log, "the exchange's clock is")
+    warning = line_with(runner.last_log, "the exchange's clock is")
     assert "-3600." in warning and "WARNING" in warning
     assert runner.run("--status", "--max-age", "5m") == 1
     assert re.fullmatch(
@@ -1472,9 +1394,9 @@ def test_r3_6_a_nul_in_the_database_password_is_exit_2_in_one_line(runner, excha
 
     assert runner.run() == 2
 
-    line = line_with(runner.log, "configuration error")
+    line = line_with(runner.last_log, "configuration error")
     assert "database.password: contains a NUL character" in line
-    assert "Traceback" not in runner.log and exchange.requests == []
+    assert "Traceback" not in runner.last_log and exchange.requests == []
 
 
 def test_r3_6_fills_in_the_first_seconds_of_the_horizon_are_stored(runner, exchange, db):
@@ -1492,12 +1414,12 @@ def test_r3_6_fills_in_the_first_seconds_of_the_horizon_are_stored(runner, excha
         return answer(request, fills)
 
     exchange.fills = fills_of
-    assert runner.run() == 0, runner.log
+    assert runner.run() == 0, runner.last_log
     assert stored_ids(db) == {"1", "2"}
 
     db.rows("TRUNCATE trade_fills, sync_cursor")
     strict.append(True)
-    assert runner.run() == 0, runner.log
+    assert runner.run() == 0, runner.last_log
     assert stored_ids(db) == {"1", "2"}
 
 
@@ -1507,7 +1429,7 @@ def test_r3_6_an_unsupported_dollar_brace_form_is_exit_2(runner, exchange, form)
 
     assert runner.run(env={"A": "value"}) == 2
 
-    line = line_with(runner.log, "configuration error")
+    line = line_with(runner.last_log, "configuration error")
     assert "database.password: only ${NAME} is replaced" in line
     assert exchange.requests == []
 
@@ -1555,9 +1477,9 @@ def test_r4_1_a_400_digit_number_in_the_budget_file_is_discarded_with_one_warnin
 
     code, elapsed = timed_run(runner)
 
-    assert code == 0, runner.log
+    assert code == 0, runner.last_log
     assert elapsed < 4, elapsed
-    assert "discarded" in line_with(runner.log, "WARNING")  # clean_lines: no traceback
+    assert "discarded" in line_with(runner.last_log, "WARNING")  # clean_lines: no traceback
     assert stored_ids(db) == {"1"}
     assert all(w < 10**7 for _, w in budget_entries(path)[key])  # the file is ours again
 
@@ -1575,7 +1497,7 @@ def test_r4_2_a_budget_file_unlinked_or_replaced_under_a_loop_is_reopened(runner
     other = runner.config()
     other["weex"]["base_url"] = exchange.base_url.replace("127.0.0.1", "localhost")
     other["sync"]["users"] = [Account.new("user2").as_config()]
-    assert runner.run(config=other) == 0, runner.log
+    assert runner.run(config=other) == 0, runner.last_log
     theirs = "ip " + urlsplit(other["weex"]["base_url"]).netloc
     wait_for(lambda: {mine, theirs} <= budget_entries(path).keys(), timeout=10)
 
@@ -1600,14 +1522,14 @@ def test_r4_3_a_shorter_window_does_not_drop_a_longer_windows_entries(runner, ex
     key = ip_key(exchange)
 
     runner.weex["rate_limit"]["window_seconds"] = 60
-    assert runner.run() == 0, runner.log
+    assert runner.run() == 0, runner.last_log
     charged = sum(w for _, w in budget_entries(path)[key])
     assert charged == 1 + 5  # the time, one fills request
     time.sleep(2.0)  # older than the short window (1 s plus its 0.5 s margin)
 
     short_started = time.time()
     runner.weex["rate_limit"]["window_seconds"] = 1
-    assert runner.run() == 0, runner.log
+    assert runner.run() == 0, runner.last_log
 
     entries = budget_entries(path)[key]
     kept = sum(w for at, w in entries if at < short_started - 1)
@@ -1647,17 +1569,19 @@ QUOTE_ECHOES = {
 
 
 def test_r4_4_secrets_with_both_quotes_and_a_backslash_never_leak_in_any_form(runner, exchange, db):
-    runner.users = [mixed_quotes_account(f"user{n}") for n in range(1, len(QUOTE_ECHOES) + 1)]
-    echo_of = {u.api_key: (e, u) for u, e in zip(runner.users, QUOTE_ECHOES.values(), strict=True)}
+    runner.accounts = [mixed_quotes_account(f"user{n}") for n in range(1, len(QUOTE_ECHOES) + 1)]
+    echo_of = {
+        u.api_key: (e, u) for u, e in zip(runner.accounts, QUOTE_ECHOES.values(), strict=True)
+    }
     exchange.fills = lambda request: echo_of[request.key][0](request, echo_of[request.key][1])
 
     assert runner.run("--log-level", "DEBUG") == 1
-    seen = runner.log
+    seen = runner.last_log
     assert runner.run("--status", "--json") == 0
     seen += runner.out + repr(db.status()) + repr(db.rows("SELECT * FROM rejected_fills"))
 
     assert len(exchange.fills_requests()) >= len(QUOTE_ECHOES)
-    for user in runner.users:
+    for user in runner.accounts:
         tag = user.passphrase[-13:-1]  # the random part both secrets share
         assert tag not in seen, (user.user_id, [line for line in seen.splitlines() if tag in line])
 
@@ -1684,8 +1608,8 @@ def test_r4_5_yaml_tags_and_keys_that_are_not_words_are_not_echoed(runner, excha
 
     assert runner.run(config=path) == 2
 
-    line_with(runner.log, "configuration error")
-    assert "Hunter2" not in runner.log + runner.out, runner.log
+    line_with(runner.last_log, "configuration error")
+    assert "Hunter2" not in runner.last_log + runner.out, runner.last_log
     assert exchange.requests == []
 
 
@@ -1792,7 +1716,7 @@ def silent_exchange():
 def test_r4_8_check_of_16_users_against_a_stalled_exchange_takes_one_timeout(runner, db):
     """The first users to time out tell the rest: 16 users on 2 workers take about two
     timeouts (the clock, then the first two users), not 9."""
-    runner.users = [Account.new(f"user{n}") for n in range(1, 17)]
+    runner.accounts = [Account.new(f"user{n}") for n in range(1, 17)]
     runner.sync["workers"] = 2
     with silent_exchange() as url:
         runner.weex.update(base_url=url, timeout_seconds=1, max_retries=0)

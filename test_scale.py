@@ -88,13 +88,15 @@ def test_three_machines_split_a_fleet_with_no_account_synced_twice(
 
 
 def test_a_machine_killed_mid_pass_leaves_claims_that_expire(harness: Harness, db: Database, sim):
-    configs = machines(harness, 30, min_interval=3)
+    interval = 8  # long enough for the next machine to start on a busy box before expiry
+    configs = machines(harness, 30, min_interval=interval)
     for config in configs:
         config["sync"]["workers"] = 1
     sim.latency = 0.1  # a pass over 30 accounts takes seconds: time to kill it
     doomed = harness.popen("--once", config=configs[0])
     wait_for(lambda: db.scalar("SELECT count(*) FROM sync_status") >= 3)
     doomed.kill()
+    killed = time.monotonic()  # its claims were made or renewed before this
     finish(doomed)
     done_before = db.scalar("SELECT count(DISTINCT user_id) FROM sync_status")
     claimed = db.scalar("SELECT count(*) FROM sync_claims")
@@ -104,7 +106,7 @@ def test_a_machine_killed_mid_pass_leaves_claims_that_expire(harness: Harness, d
     code, err = finish(harness.popen("--once", config=configs[1]), timeout=60)
     assert code == 0, err
     assert db.scalar("SELECT count(DISTINCT user_id) FROM sync_status") < 30  # still claimed
-    time.sleep(3.5)  # the dead machine's claims expire
+    time.sleep(max(0.0, killed + interval + 0.5 - time.monotonic()))  # the claims expire
     code, err = finish(harness.popen("--once", config=configs[2]), timeout=60)
     assert code == 0, err
 
