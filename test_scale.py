@@ -147,3 +147,22 @@ def test_keys_of_one_account_are_claimed_together(harness: Harness, db: Database
     passes = {r["user_id"]: r["pass_id"] for r in db.status()}
     assert len(passes) == 6 and passes["user1"] == passes["user2"]
     assert db.scalar("SELECT count(*) FROM sync_claims WHERE claim_key = 'account desk-main'") == 1
+
+
+def test_a_pass_never_claims_what_another_claimed_after_it_started(db: Database, pg: dict):
+    """min_interval_seconds shorter than a pass: an account another pass claimed after this
+    one began is not stale for it, however long ago that is by the time it gets there (a cron
+    pass running 55 s of a minute would otherwise re-sync, at its end, the accounts the other
+    machines synced at their start). A pass that starts later may claim it."""
+    store = weex_sync.Store(weex_sync.DatabaseConfig(dbname=db.name, **pg, sslmode="disable"))
+    started_a = db.scalar("SELECT now()")
+    started_b = db.scalar("SELECT now()")
+    try:
+        assert store.claim(["user x"], "pass-b", 1, started_b) == {"user x"}
+        time.sleep(1.2)  # older than min_interval now
+        assert store.claim(["user x"], "pass-a", 1, started_a) == set()
+        started_c = db.scalar("SELECT now()")
+        assert store.claim(["user x"], "pass-c", 1, started_c) == {"user x"}
+        assert db.scalar("SELECT claimed_by FROM sync_claims") == "pass-c"
+    finally:
+        store.close()

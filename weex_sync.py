@@ -3122,13 +3122,16 @@ ON CONFLICT (user_id, fingerprint) DO UPDATE
    SET last_seen = now(), seen_count = rejected_fills.seen_count + 1, reason = EXCLUDED.reason
 RETURNING id
 """
-# Claim those of the keys that no other pass claimed within %(interval)s seconds (this pass may
-# claim again what it holds); returns the keys claimed.
+# Claim those of the keys that no other pass claimed within %(interval)s seconds, nor since
+# this pass started (%(since)s: an account another pass synced meanwhile is not stale for this
+# one); this pass may claim again what it holds. Returns the keys claimed.
 CLAIM_SQL = """
 INSERT INTO sync_claims AS c (claim_key, claimed_at, claimed_by)
 SELECT key, now(), %(by)s FROM unnest(%(keys)s::text[]) AS key
 ON CONFLICT (claim_key) DO UPDATE SET claimed_at = now(), claimed_by = EXCLUDED.claimed_by
- WHERE c.claimed_at <= now() - make_interval(secs => %(interval)s) OR c.claimed_by = %(by)s
+ WHERE (c.claimed_at <= now() - make_interval(secs => %(interval)s)
+        AND c.claimed_at < %(since)s)
+    OR c.claimed_by = %(by)s
 RETURNING claim_key
 """
 RENEW_CLAIM_SQL = """
@@ -3870,10 +3873,11 @@ class Store:
         cur.execute(NEWEST_FILL_SQL, {"user_id": user_id, "symbol": symbol, "floor": floor})
         return one_row(cur)[0]
 
-    def claim(self, keys: list[str], pass_id: str, interval: int) -> set[str]:
+    def claim(self, keys: list[str], pass_id: str, interval: int, since: dt.datetime) -> set[str]:
         """The keys this pass now holds (see CLAIM_SQL)."""
         with self.transaction() as cur:
-            cur.execute(CLAIM_SQL, {"keys": keys, "by": pass_id, "interval": interval})
+            params = {"keys": keys, "by": pass_id, "interval": interval, "since": since}
+            cur.execute(CLAIM_SQL, params)
             return {row[0] for row in cur.fetchall()}
 
     def release(self, keys: list[str], pass_id: str) -> None:
@@ -4374,12 +4378,14 @@ def claim_key(user: UserConfig) -> str:
     return f"account {user.account}" if user.account else f"user {user.user_id}"
 
 
-def stalest_first(conn: Conn, users: list[UserConfig]) -> list[UserConfig]:
+def stalest_first(conn: Conn, users: list[UserConfig]) -> tuple[list[UserConfig], dt.datetime]:
     """Users synced (or claimed) least recently first (never: before all), so a pass cut short
     by --max-seconds leaves the freshest for the next one, and passes of several machines meet
-    the same order."""
+    the same order; and the database's time now (the pass's start, for its claims)."""
     try:
         with conn, conn.cursor() as cur:
+            cur.execute("SELECT now()")
+            started = one_row(cur)[0]
             cur.execute("SELECT claim_key, claimed_at FROM sync_claims")
             claimed = dict(cur.fetchall())
             cur.execute("SELECT user_id, symbol, updated_at FROM sync_cursor")
@@ -4392,7 +4398,7 @@ def stalest_first(conn: Conn, users: list[UserConfig]) -> list[UserConfig]:
         moved = min(synced.get((user.user_id, s), never) for s in user.symbols)
         return max(claimed.get(claim_key(user), never), moved)
 
-    return sorted(users, key=staleness)
+    return sorted(users, key=staleness), started
 
 
 class Claims:
@@ -4400,10 +4406,12 @@ class Claims:
     pass's order (one statement per chunk of as many users as there are workers: a few
     transactions fewer than one per user, and never much more claimed than the workers are
     about to sync, which other passes would then have to leave alone), never a user another
-    pass claimed within ``min_interval`` seconds."""
+    pass claimed within ``min_interval`` seconds or since ``started`` (the pass's start: once
+    all are synced, passes that run on do not start over)."""
 
-    def __init__(self, ctx: PassContext, users: list[UserConfig]) -> None:
+    def __init__(self, ctx: PassContext, users: list[UserConfig], started: dt.datetime) -> None:
         self.ctx = ctx
+        self.started = started
         self.chunk = max(1, ctx.cfg.sync.workers)
         self.keys = list(dict.fromkeys(claim_key(u) for u in users))
         self.position = {key: i for i, key in enumerate(self.keys)}
@@ -4416,7 +4424,9 @@ class Claims:
             if key not in self.held:
                 ahead = self.keys[self.position[key] :]
                 chunk = [k for k in ahead if k not in self.held][: self.chunk]
-                got = store.claim(chunk, self.ctx.pass_id, self.ctx.options.min_interval)
+                got = store.claim(
+                    chunk, self.ctx.pass_id, self.ctx.options.min_interval, self.started
+                )
                 self.held.update((k, k in got) for k in chunk)
             return self.held[key]
 
@@ -4527,8 +4537,8 @@ class SyncPass:
             self.ctx.clock.ensure_measured(
                 self.cfg.weex, APIS[self.cfg.weex.api_version], self.ctx.limiter, self.ctx.stop
             )
-        users = stalest_first(conn, users)
-        self.claims = Claims(self.ctx, users) if self.ctx.options.claims else None
+        users, db_started = stalest_first(conn, users)
+        self.claims = Claims(self.ctx, users, db_started) if self.ctx.options.claims else None
         log_pass_start(self.ctx, users)
         try:
             outcomes = self._run_pool(users)
