@@ -13,11 +13,12 @@ from pathlib import Path
 import yaml
 
 import weex_sync
-from conftest import (
+from harness import (
     BTC,
     DAY_MS,
+    DEPLOY,
     ETH,
-    HERE,
+    ROOT,
     START_MS,
     ApiMode,
     Database,
@@ -623,12 +624,12 @@ def test_secrets_never_reach_logs_or_tables(harness: Harness, db: Database, sim)
 
 def test_print_schema_equals_schema_sql():
     result = subprocess.run(
-        [sys.executable, str(HERE / "weex_sync.py"), "--print-schema"],
+        [sys.executable, str(ROOT / "weex_sync.py"), "--print-schema"],
         capture_output=True,
         text=True,
         check=True,
     )
-    assert result.stdout == (HERE / "schema.sql").read_text()
+    assert result.stdout == (ROOT / "schema.sql").read_text()
 
 
 def test_database_unreachable_exits_3(harness: Harness, sim):
@@ -646,7 +647,7 @@ def test_readme_example_queries_run_unchanged(harness: Harness, db: Database, si
     harness.sync["symbols"] = [BTC, ETH]
     assert harness.run() == 0
 
-    readme = (HERE / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     queries = re.findall(r"```sql\n(.*?)```", readme, re.DOTALL)
     assert len(queries) >= 6
     for query in queries:
@@ -721,7 +722,7 @@ def test_weex_sync_works_when_copied_alone(harness: Harness, db: Database, sim, 
     harness.accounts = [account]
     alone = tmp_path / "server"
     alone.mkdir()
-    (alone / "weex_sync.py").write_text((HERE / "weex_sync.py").read_text())
+    (alone / "weex_sync.py").write_text((ROOT / "weex_sync.py").read_text())
     (alone / "config.yaml").write_text(yaml.safe_dump(harness.config()))
 
     result = subprocess.run(
@@ -739,9 +740,9 @@ def test_weex_sync_works_when_copied_alone(harness: Harness, db: Database, sim, 
 
 
 def test_config_example_is_valid():
-    names = re.findall(r"\$\{(\w+)\}", (HERE / "config.yaml.example").read_text())
+    names = re.findall(r"\$\{(\w+)\}", (ROOT / "config.yaml.example").read_text())
     env = {name: f"value-of-{name}" for name in names}
-    cfg = weex_sync.load_config(str(HERE / "config.yaml.example"), env)
+    cfg = weex_sync.load_config(str(ROOT / "config.yaml.example"), env)
     assert [u.user_id for u in cfg.sync.users] == ["user1", "user2"]
     assert cfg.sync.users[0].symbols == (weex_sync.ALL_SYMBOLS,)
     assert cfg.sync.users[1].symbols == ("cmt_btcusdt",)
@@ -750,8 +751,8 @@ def test_config_example_is_valid():
     assert cfg.secrets() and all(s.startswith("value-of-") for s in cfg.secrets())
     used = {  # the variables the example's live lines (not its comments) refer to
         name
-        for line in (HERE / "config.yaml.example").read_text().splitlines()
+        for line in (ROOT / "config.yaml.example").read_text().splitlines()
         for name in re.findall(r"\$\{(\w+)\}", line.split("#")[0])
     }
-    env_file = (HERE / "weex_sync.env.example").read_text()
+    env_file = (DEPLOY / "weex_sync.env.example").read_text()
     assert used == set(re.findall(r"^(\w+)=", env_file, re.MULTILINE))

@@ -445,7 +445,7 @@ def sql(statement: str, params: tuple = (), dbname: str = "postgres") -> list:
 
 def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not OVERRIDE_ENV.match(k)}
-    return env | {"PYTHONPATH": str(ROOT), **extra}
+    return env | {"PYTHONPATH": f"{ROOT}:{ROOT / 'dev'}", **extra}
 
 
 class SimProcess:
@@ -906,8 +906,8 @@ def py_spy(cmd: list[str], popen: dict) -> str:
 
 def code_hashes() -> dict[str, str]:
     return {
-        f"{name}_sha256": hashlib.sha256((ROOT / f"{name}.py").read_bytes()).hexdigest()[:12]
-        for name in ("weex_sync", "weex_sim")
+        f"{path.stem}_sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        for path in (ROOT / "weex_sync.py", ROOT / "dev" / "weex_sim.py")
     }
 
 

@@ -19,11 +19,13 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 import weex_sync
-from conftest import (
+from harness import (
     BTC,
     DAY_MS,
+    DEPLOY,
+    DEV,
     ETH,
-    HERE,
+    ROOT,
     START_MS,
     Database,
     Harness,
@@ -46,19 +48,19 @@ def test_demo_runs_when_db_port_points_where_nothing_answers(tmp_path):
     runs do not inherit DB_PORT (which would override the config it wrote)."""
     demo_dir = tmp_path / "demo"
     before = (
-        (HERE / ".demo" / "config.yaml").read_bytes()
-        if (HERE / ".demo" / "config.yaml").exists()
+        (ROOT / ".demo" / "config.yaml").read_bytes()
+        if (ROOT / ".demo" / "config.yaml").exists()
         else None
     )
     env = {**os.environ, "DB_PORT": str(free_port()), "DEMO_DIR": str(demo_dir)}
     result = subprocess.run(
-        [sys.executable, str(HERE / "demo.py")],
+        [sys.executable, str(DEV / "demo.py")],
         capture_output=True,
         text=True,
         env=env,
         timeout=120,
         check=False,
-        cwd=HERE,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("(exit code 0)") == 4
@@ -72,8 +74,8 @@ def test_demo_runs_when_db_port_points_where_nothing_answers(tmp_path):
         assert Path(interpreter).name.startswith("python") and script == "weex_sync.py", command
     assert (demo_dir / "config.yaml").exists()  # and the user's .demo/ is left alone
     after = (
-        (HERE / ".demo" / "config.yaml").read_bytes()
-        if (HERE / ".demo" / "config.yaml").exists()
+        (ROOT / ".demo" / "config.yaml").read_bytes()
+        if (ROOT / ".demo" / "config.yaml").exists()
         else None
     )
     assert after == before
@@ -87,11 +89,11 @@ def test_the_crontab_line_works_with_the_env_file_as_shipped(harness: Harness, d
         sim.generate_fills(user.api_key, BTC, 40, start_ms=START_MS, end_ms=START_MS + DAY_MS)
     install = harness.tmp_path / "opt"
     (install / "log").mkdir(parents=True)
-    shutil.copy(HERE / "weex_sync.py", install)
-    config = yaml.safe_load((HERE / "config.yaml.example").read_text())
+    shutil.copy(ROOT / "weex_sync.py", install)
+    config = yaml.safe_load((ROOT / "config.yaml.example").read_text())
     config["sync"]["start_time"] = START_MS - DAY_MS  # what a user edits: where history starts
     (install / "config.yaml").write_text(yaml.safe_dump(config))
-    env_file = (HERE / "weex_sync.env.example").read_text()
+    env_file = (DEPLOY / "weex_sync.env.example").read_text()
     for n, user in enumerate(users, start=1):
         for field in ("api_key", "secret_key", "passphrase"):
             name = f"USER{n}_{field.upper()}"
@@ -104,7 +106,7 @@ def test_the_crontab_line_works_with_the_env_file_as_shipped(harness: Harness, d
     )
     (install / "weex_sync.env").write_text(env_file)
     [line] = [
-        line for line in (HERE / "crontab.example").read_text().splitlines() if line[:1] == "*"
+        line for line in (ROOT / "crontab.example").read_text().splitlines() if line[:1] == "*"
     ]
     command = line.split(None, 5)[5].replace("/opt/weex_sync", str(install))
     command = command.replace(".venv/bin/python", sys.executable)
@@ -133,12 +135,12 @@ def test_a_bad_env_file_line_is_one_error_in_the_log_through_the_crontab_line(
     never ran and the log stayed empty: now each bad line is an error naming file and line."""
     install = tmp_path / "opt"
     (install / "log").mkdir(parents=True)
-    shutil.copy(HERE / "weex_sync.py", install)
-    shutil.copy(HERE / "config.yaml.example", install / "config.yaml")
+    shutil.copy(ROOT / "weex_sync.py", install)
+    shutil.copy(ROOT / "config.yaml.example", install / "config.yaml")
     lines = ["# secrets", "DB_PASSWORD=''", *BAD_ENV_LINES]
     (install / "weex_sync.env").write_text("\n".join(lines) + "\n")
     [line] = [
-        line for line in (HERE / "crontab.example").read_text().splitlines() if line[:1] == "*"
+        line for line in (ROOT / "crontab.example").read_text().splitlines() if line[:1] == "*"
     ]
     command = line.split(None, 5)[5].replace("/opt/weex_sync", str(install))
     command = command.replace(".venv/bin/python", sys.executable)
@@ -245,7 +247,7 @@ def test_without_a_config_file_it_says_where_it_looked(tmp_path, capsys, monkeyp
     assert weex_sync.main(["--once"], environ={}) == 2
     err = capsys.readouterr().err
     assert f"no config file: looked for {tmp_path / 'config.yaml'}" in err
-    assert str(HERE / "config.yaml") in err or (HERE / "config.yaml").exists()
+    assert str(ROOT / "config.yaml") in err or (ROOT / "config.yaml").exists()
     assert "weex.api_key" not in err
 
 
@@ -300,7 +302,7 @@ def test_sigterm_between_loop_passes_says_what_happens(harness: Harness, db: Dat
 
 def test_the_simulator_tells_how_to_use_it():
     result = subprocess.run(
-        [sys.executable, str(HERE / "weex_sim.py"), "--help"],
+        [sys.executable, str(DEV / "weex_sim.py"), "--help"],
         capture_output=True,
         text=True,
         check=True,

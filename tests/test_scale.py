@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 import weex_sync
-from conftest import (
+from harness import (
     BTC,
     DAY_MS,
     Database,

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import weex_sync
-from conftest import (
+from harness import (
     BTC,
     DAY_MS,
     ETH,

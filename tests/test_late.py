@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 import time
 
-from conftest import (
+from harness import (
     BTC,
     DAY_MS,
     START_MS,

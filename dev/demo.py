@@ -3,7 +3,7 @@ weex_sync pass into a local database, the README's example queries, then a secon
 picks up only the fills that arrived in between, and the --check and --status reports.
 
 PostgreSQL: the server at DB_HOST:DB_PORT (default 127.0.0.1:5432, user postgres); when nothing
-answers there, a throwaway server from a pip wheel (pg_fallback.py). The demo database is
+answers there, a throwaway server from a pip wheel (dev/pg_fallback.py). The demo database is
 weex_demo (DB_NAME overrides); it is dropped and recreated on each run.
 """
 
@@ -23,14 +23,14 @@ from psycopg2 import sql
 from pg_fallback import ensure_postgres
 from weex_sim import Simulator
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository: README.md, weex_sync.py
 SYMBOLS = ["cmt_btcusdt", "cmt_ethusdt"]
 DAY_MS = 86_400_000
 
 
 def readme_query(title: str) -> str:
     """The README's example query under the comment line `-- <title>`."""
-    readme = (HERE / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     for block in re.findall(r"```sql\n(.*?)```", readme, re.DOTALL):
         if block.startswith(f"-- {title}"):
             return block
@@ -70,11 +70,11 @@ def shown(path: str | Path) -> str:
 
 
 def run_cli(config_path: Path, *args: str) -> int:
-    command = [sys.executable, str(HERE / "weex_sync.py"), *args, "-c", str(config_path)]
+    command = [sys.executable, str(ROOT / "weex_sync.py"), *args, "-c", str(config_path)]
     env = {k: v for k, v in os.environ.items() if not OVERRIDES.match(k)}
     pasteable = [
         shown(sys.executable),
-        shown(HERE / "weex_sync.py"),
+        shown(ROOT / "weex_sync.py"),
         *args,
         "-c",
         shown(config_path),
@@ -110,7 +110,7 @@ def main() -> None:
     base_url = sim.start()
     print(f"WEEX simulator at {base_url}: 3 accounts x 2 symbols")
 
-    workdir = Path(os.environ.get("DEMO_DIR") or HERE / ".demo")  # the tests use their own
+    workdir = Path(os.environ.get("DEMO_DIR") or ROOT / ".demo")  # the tests use their own
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "config.yaml"
     config = {

@@ -37,7 +37,7 @@ import pytest
 import yaml
 
 import weex_sync
-from conftest import (
+from harness import (
     API_MODES,
     BTC,
     DAY_MS,

@@ -6,7 +6,7 @@ import datetime as dt
 import json
 import time
 
-from conftest import (
+from harness import (
     BTC,
     DAY_MS,
     ETH,

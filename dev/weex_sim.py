@@ -33,9 +33,10 @@ import time
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import MAX_EMAX, MIN_EMIN, Context, Decimal, Inexact
+from email.message import Message  # a request's headers, looked up case-insensitively
 from fractions import Fraction
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from operator import itemgetter
@@ -1046,9 +1047,7 @@ class Simulator:
     def server_time_ms(self) -> int:
         return int(time.time() * 1000) + self.clock_offset_ms
 
-    def _respond(
-        self, raw_path: str, headers: Mapping[str, str], body: str, client_ip: str
-    ) -> _Response:
+    def _respond(self, raw_path: str, headers: Message, body: str, client_ip: str) -> _Response:
         """Answers one GET request (called by the HTTP handler) and records it."""
         arrived = time.monotonic()
         path, _, query = raw_path.partition("?")
@@ -1111,7 +1110,7 @@ class Simulator:
         version: int,
         path: str,
         query: str,
-        headers: Mapping[str, str],
+        headers: Message,
         body: str,
         client_ip: str,
     ) -> _Response:
@@ -1148,13 +1147,16 @@ class Simulator:
         return _Response(200, self._page(version, account, parsed), fault=fault)
 
     def _authenticate(
-        self, path: str, query: str, headers: Mapping[str, str], body: str
+        self, path: str, query: str, headers: Message, body: str
     ) -> tuple[str, _Account]:
         """(api key, account) if the request is properly signed, else raises _Rejected."""
+        values: list[str] = []
         for name in _AUTH_HEADERS:
-            if headers.get(name) is None:
+            value = headers.get(name)
+            if value is None:
                 raise _Rejected("header", name)
-        api_key, sign, timestamp, passphrase = (headers[name] for name in _AUTH_HEADERS)
+            values.append(value)
+        api_key, sign, timestamp, passphrase = values
         with self._lock:
             account = self._accounts.get(api_key)
         if account is None:

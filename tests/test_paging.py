@@ -9,7 +9,7 @@ itself is tested against PostgreSQL elsewhere), so a "pass" here is the real ``p
 the real ``Walk``, committing each batch.
 
 Hypothesis runs a few dozen examples per property by default (seconds); HYPOTHESIS_PROFILE=ci
-runs many more (see conftest.py).
+runs many more (see tests/harness.py).
 """
 
 from __future__ import annotations

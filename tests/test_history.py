@@ -16,7 +16,7 @@ import psycopg2
 import pytest
 
 import weex_sync
-from conftest import (
+from harness import (
     BTC,
     DAY_MS,
     START_MS,
@@ -27,7 +27,7 @@ from conftest import (
     v2_only,
 )
 
-HERE = Path(__file__).resolve().parent
+DATA = Path(__file__).resolve().parent / "data"  # the schema of weex_sync 3.0
 
 
 @pytest.fixture
@@ -164,7 +164,7 @@ def test_a_version_3_database_is_upgraded_in_place_keeping_every_status_row(
     """The schema of weex_sync 2.x (version 3, an unpartitioned sync_status) with a history:
     the pass makes that table the first partition (no copy), builds the new indexes and the
     latest state from the history, and goes on."""
-    own_db.conn.cursor().execute((HERE / "testdata" / "schema_v3.sql").read_text())
+    own_db.conn.cursor().execute((DATA / "schema_v3.sql").read_text())
     account = make_account(sim, 1)
     sim.generate_fills(account.api_key, BTC, 30, start_ms=START_MS, end_ms=START_MS + DAY_MS)
     harness.accounts = [account]
@@ -205,7 +205,7 @@ def test_a_version_3_database_is_upgraded_in_place_keeping_every_status_row(
 def test_the_latest_state_of_an_upgraded_history_names_the_last_success_of_a_failing_pair(
     harness: Harness, own_db: Database, sim
 ):
-    own_db.conn.cursor().execute((HERE / "testdata" / "schema_v3.sql").read_text())
+    own_db.conn.cursor().execute((DATA / "schema_v3.sql").read_text())
     account = make_account(sim, 1)
     harness.accounts = [account]
     for status, days_ago in [("success", 5), ("error", 4), ("error", 0)]:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import (
+from harness import (
     BTC,
     DAY_MS,
     ETH,

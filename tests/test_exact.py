@@ -9,7 +9,7 @@ import time
 from decimal import Decimal
 
 import weex_sync
-from conftest import (
+from harness import (
     BTC,
     DAY_MS,
     ETH,
