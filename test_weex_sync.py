@@ -324,7 +324,7 @@ def test_one_users_bad_credentials_do_not_stop_the_others(harness: Harness, db: 
 
 
 @all_apis
-def test_429_and_5xx_are_retried_until_every_fill_is_stored(harness: Harness, db: Database, sim):
+def test_and_5xx_are_retried_until_every_fill_is_stored(harness: Harness, db: Database, sim):
     account = make_account(sim, 1)
     sim.generate_fills(account.api_key, BTC, 1500, start_ms=START_MS, end_ms=START_MS + DAY_MS)
     sim.faults = {"429": 0.1, "500": 0.05, "502": 0.05, "503": 0.05}

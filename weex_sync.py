@@ -5099,8 +5099,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument(
         "--loop",
         nargs="?",
-        type=int,
-        const="interval",
+        const="",  # no N: sync.interval_seconds (read by loop_interval, not by argparse's type)
         metavar="N",
         help="run a pass every N seconds (default sync.interval_seconds) until SIGINT/SIGTERM",
     )
@@ -5450,11 +5449,11 @@ def run_command(
 def loop_interval(args: argparse.Namespace, cfg: Config) -> int | None:
     if args.loop is None:
         return None
-    if args.loop == "interval":
+    if args.loop == "":
         return cfg.sync.interval_seconds
-    if args.loop < 1:
-        raise ConfigError("--loop: must be at least 1 second")
-    return args.loop
+    if not re.fullmatch(r"[0-9]{1,6}", args.loop) or int(args.loop) < 1:
+        raise ConfigError("--loop: N must be a whole number of seconds, at least 1")
+    return int(args.loop)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ as its own process where the fault needs one."""
 
 from __future__ import annotations
 
+import json
 import random
 import signal
+import threading
 import time
 from decimal import Decimal
 
@@ -21,6 +23,7 @@ from harness import (
     DAY_MS,
     ETH,
     START_MS,
+    Account,
     Database,
     Harness,
     all_apis,
@@ -418,9 +421,13 @@ def test_fuzzed_configs_load_or_fail_with_one_clear_line(tmp_path_factory, data)
         assert "Traceback" not in message
 
 
-@settings(max_examples=300, deadline=None)
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(
-    st.lists(
+    argv=st.lists(
         st.sampled_from(
             [
                 "--once",
@@ -445,26 +452,74 @@ def test_fuzzed_configs_load_or_fail_with_one_clear_line(tmp_path_factory, data)
         max_size=6,
     )
 )
-def test_fuzzed_command_lines_never_raise_a_traceback(argv):
-    parser = weex_sync.build_parser()
+def test_fuzzed_command_lines_never_raise_a_traceback(argv, harness: Harness, capsys):
+    """Each line through main(), as a user would type it after `-c config.yaml`."""
+    code, err = run_main_briefly(harness, capsys, argv)
+    assert "Traceback" not in err, err
+    assert code in (0, 1, 2, 3), (code, err)
+
+
+def run_main_briefly(harness: Harness, capsys, argv: list[str]) -> tuple[int, str]:
+    """main(["-c", config, *argv]) against a database that refuses connections (every command
+    ends quickly), a --loop stopped by SIGTERM after 0.2 s: (exit code, log)."""
+    harness.accounts = [Account.new("user1")]
+    harness.database["port"] = 1
+    config = harness.write_config()
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # a late timer hits this one
+    timer = threading.Timer(0.2, signal.raise_signal, (signal.SIGTERM,))
+    timer.start()
     try:
-        parser.parse_args(argv)
-    except SystemExit as exc:
-        assert exc.code in (0, 2)
+        code = weex_sync.main(["-c", str(config), *argv], environ={})
+    except SystemExit as exc:  # argparse: a usage error (2)
+        code = int(exc.code or 0)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+    return code, capsys.readouterr().err
+
+
+MODES = [[], ["--once"], ["--loop"], ["--loop", "5"], ["--check"], ["--status"]]
+MODES += [["--status", "--json"], ["--status", "--max-age", "10m"], ["--print-schema"]]
+COMMON = [["-q"], ["--log-level", "DEBUG"], ["--log-format", "json"], ["--user", "user1"]]
+PASS_ONLY = [["--max-seconds", "5"], ["--dry-run"], ["--min-interval", "0"]]
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_documented_command_lines_are_never_usage_errors(data, harness: Harness, capsys):
+    """Every combination the README documents parses and runs (2.0's `--loop` without N was
+    a usage error, which the fuzzing above counts as a fine outcome)."""
+    mode = data.draw(st.sampled_from(MODES))
+    extras = COMMON + (PASS_ONLY if mode in ([], ["--once"], ["--loop"], ["--loop", "5"]) else [])
+    options = data.draw(st.lists(st.sampled_from(extras), unique_by=lambda o: o[0], max_size=3))
+    argv = [*mode, *(word for option in options for word in option)]
+    code, err = run_main_briefly(harness, capsys, argv)
+    assert "Traceback" not in err, err
+    assert code != 2, (argv, err)
 
 
 def test_secret_values_with_regex_characters_are_scrubbed(harness: Harness, db: Database, sim):
     account = make_account(sim, 1)
     account.secret_key = "s3cr.t+(x)*" + account.secret_key
     account.passphrase = "pass\\word$" + account.passphrase
+    sim.add_account(account.api_key, account.secret_key, account.passphrase)
+    sim.generate_fills(account.api_key, BTC, 10, start_ms=START_MS, end_ms=START_MS + DAY_MS)
     harness.accounts = [account]
-    harness.database["port"] = 1
-    harness.database["password"] = "pw-%s-{0}"
-    assert harness.run("--log-level", "DEBUG") == 3
+    harness.database["password"] = "pw-%s-{0}"  # trust authentication ignores it
+    assert harness.run("--log-level", "DEBUG") == 0  # the pass reaches the exchange, signed
+    assert stored_fills(db) == harness.expected(account, BTC)
+    sim.add_account(account.api_key, account.secret_key, "another")
+    assert harness.run("--log-level", "DEBUG") == 1  # and the exchange rejects the passphrase
+    assert "credentials rejected" in harness.last_log
+    stored = json.dumps(db.status(), default=str)
     redact = weex_sync.Redactor([account.secret_key, account.passphrase, "pw-%s-{0}"])
     assert (
         redact(f"a {account.secret_key} b {account.passphrase} c pw-%s-{{0}}")
         == "a *** b *** c ***"
     )
     for secret in (account.secret_key, account.passphrase, "pw-%s-{0}"):
-        assert secret not in harness.log
+        assert secret not in harness.log and secret not in stored

@@ -81,7 +81,7 @@ def _is_decimal(value) -> bool:
 class FakeExchange:
     """One account's fills endpoint in memory (a weex_sync.FillSource)."""
 
-    def __init__(self, api, fills=(), selects="newest", listing="sorted", seed=0):
+    def __init__(self, api: weex_sync.Api, fills=(), selects="newest", listing="sorted", seed=0):
         self.api = api
         self.user_id = "u"
         self.selects = selects  # which end of a range a full page is taken from
@@ -98,7 +98,9 @@ class FakeExchange:
         self.fills = sorted([*self.fills, *fills], key=lambda f: (f["_t"], f["_n"]))
         self.times = [f["_t"] for f in self.fills]
 
-    def page(self, scope, start, end, limit, order_id=None) -> weex_sync.Answer:
+    def page(
+        self, scope: str, start: int, end: int, limit: int, order_id: str | None = None
+    ) -> weex_sync.Answer:
         body = self.body(scope, start, end, limit, order_id)
         return weex_sync.parse_answer(self.api, body, scope, start, end, limit)
 
@@ -556,7 +558,9 @@ def test_a_walk_starts_at_the_newest_stored_fill_within_one_span():
     plan = weex_sync.plan_walk(cursor, now - 1000, RULE, V3, now)
     assert plan.ranges == ((T0 + 10 * DAY - 120_000, now),)
     # idle for weeks: no further back than one request span on v3, any on v2
-    assert weex_sync.plan_walk(cursor, T0, RULE, V3, now).ranges == ((now - V3.max_span_ms, now),)
+    span = V3.max_span_ms
+    assert span is not None
+    assert weex_sync.plan_walk(cursor, T0, RULE, V3, now).ranges == ((now - span, now),)
     assert weex_sync.plan_walk(cursor, T0, RULE, V2, now).ranges == ((T0, now),)
 
 
@@ -592,7 +596,9 @@ def test_an_owed_range_is_read_first_then_the_rest():
 def test_nothing_is_asked_beyond_the_v3_horizon():
     now = T0 + 400 * DAY
     plan = weex_sync.plan_walk(None, None, CursorRule(start_time=0), V3, now)
-    floor = now - V3.horizon_ms + weex_sync.HORIZON_MARGIN_MS
+    horizon = V3.horizon_ms
+    assert horizon is not None
+    floor = now - horizon + weex_sync.HORIZON_MARGIN_MS
     assert plan.ranges == ((floor, now),) and plan.horizon == floor
     owed = Cursor(T0, T0 + DAY, T0 + 2 * DAY)  # all of it beyond the horizon
     assert weex_sync.plan_walk(owed, None, RULE, V3, now).ranges[0][0] >= floor
