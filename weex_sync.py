@@ -3151,29 +3151,16 @@ ON CONFLICT (user_id, symbol) DO UPDATE
        walk_target = EXCLUDED.walk_target, last_end = EXCLUDED.last_end,
        reconciled_at = EXCLUDED.reconciled_at, updated_at = now()
 """
-# The newest stored fill of a scope at or after %(floor)s (the newest known before: fills are
+# The newest stored fill of a scope at or after %(floor)s: the newest known before (fills are
 # never deleted by weex_sync, so it is a lower bound that lets PostgreSQL prune the months of a
 # partitioned trade_fills; NULL when a user removed them: then the caller asks without it).
-# For '*' (every contract) a loose index scan: one probe of trade_fills_user_symbol_time per
-# contract, instead of reading all of the user's rows.
-NEWEST_FILL_SQL = """
-WITH RECURSIVE contracts AS (
-    SELECT min(symbol) AS symbol FROM trade_fills
-     WHERE user_id = %(user_id)s AND trade_time >= %(floor)s
-    UNION ALL
-    SELECT (SELECT min(symbol) FROM trade_fills
-             WHERE user_id = %(user_id)s AND symbol > contracts.symbol
-               AND trade_time >= %(floor)s)
-      FROM contracts WHERE contracts.symbol IS NOT NULL
-)
-SELECT max(newest) FROM (
-    SELECT (SELECT max(trade_time) FROM trade_fills
-             WHERE user_id = %(user_id)s AND symbol = contracts.symbol
-               AND trade_time >= %(floor)s) AS newest
-      FROM contracts
-     WHERE contracts.symbol IS NOT NULL AND (%(symbol)s = '*' OR contracts.symbol = %(symbol)s)
-) per_contract
-"""
+# One probe of trade_fills_user_time ('*': every contract) or of trade_fills_user_symbol_time.
+NEWEST_FILL_SQL = {
+    True: """SELECT max(trade_time) FROM trade_fills
+              WHERE user_id = %(user_id)s AND trade_time >= %(floor)s""",
+    False: """SELECT max(trade_time) FROM trade_fills
+               WHERE user_id = %(user_id)s AND symbol = %(symbol)s AND trade_time >= %(floor)s""",
+}
 # Up to where a pair is known complete, from its cursor ``c``: before an owed range, else
 # the last walk's end minus the lookback (fills after it may still become visible).
 SYNCED_THROUGH_SQL = """CASE WHEN c.walk_end IS NOT NULL OR c.last_end IS NULL THEN c.synced_through
@@ -3870,7 +3857,8 @@ class Store:
     def _newest(
         cur: psycopg2.extensions.cursor, user_id: str, symbol: str, floor: int
     ) -> int | None:
-        cur.execute(NEWEST_FILL_SQL, {"user_id": user_id, "symbol": symbol, "floor": floor})
+        query = NEWEST_FILL_SQL[symbol == ALL_SYMBOLS]
+        cur.execute(query, {"user_id": user_id, "symbol": symbol, "floor": floor})
         return one_row(cur)[0]
 
     def claim(self, keys: list[str], pass_id: str, interval: int, since: dt.datetime) -> set[str]:
