@@ -30,17 +30,18 @@ import socket
 import sys
 import threading
 import time
+from abc import ABC, abstractmethod
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import MAX_EMAX, MIN_EMIN, Context, Decimal, Inexact
 from email.message import Message  # a request's headers, looked up case-insensitively
 from fractions import Fraction
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from operator import itemgetter
-from typing import Any, NamedTuple, Self
+from typing import Any, ClassVar, Generic, NamedTuple, Self, TypeVar, overload
 from urllib.parse import parse_qsl
 
 FILLS_PATH = "/capi/v2/order/fills"
@@ -50,7 +51,7 @@ V3_TIME_PATH = "/capi/v3/market/time"
 FILLS_PATHS = {2: FILLS_PATH, 3: V3_FILLS_PATH}
 FILLS_WEIGHT = 5
 MAX_CLOCK_DRIFT_MS = 30_000
-# Drawn in this order (see _draw_fault): new kinds go at the end so existing seeds keep meaning.
+# Drawn in this order (see _Faults.draw): new kinds go at the end so existing seeds keep meaning.
 FAULT_KINDS = ("429", "500", "502", "503", "slow", "malformed", "error200", "drop", "stall")
 # Faults whose response announces its full length but sends only the first half of the body.
 CUT_FAULTS = ("drop", "stall")
@@ -369,7 +370,7 @@ class _Account:
 
 
 class _Pending(NamedTuple):
-    """A fill hidden until `visible_at` (server time, ms); see Simulator._release_due."""
+    """A fill hidden until `visible_at` (server time, ms); see _FillStore._release_due."""
 
     visible_at: int
     seq: int  # insertion order: ties never compare the fields below
@@ -446,7 +447,30 @@ def _order_fills(
     return fills
 
 
-# --------------------------------------------------------------------------- HTTP plumbing
+def _given_fill_record(
+    side: str, size: str, value: str | None, price: str | None, fee: str, extra: dict[str, Any]
+) -> bytes:
+    """The record of a fill add_fill was given (see there); raises ValueError on bad amounts."""
+    if side not in ("BUY", "SELL"):
+        raise ValueError(f"side must be BUY or SELL, not {side!r}")
+    if value is not None and price is not None:
+        raise ValueError("give value or price, not both")
+    size_amount = _amount("size", size)
+    if size_amount <= 0:
+        raise ValueError(f"size must be positive, not {size!r}")
+    if price is None:
+        value = "100" if value is None else value
+        price = _decimal_text(_price_of(_amount("value", value), size_amount))
+    else:
+        value = _decimal_text(_EXACT.multiply(_amount("price", price), size_amount))
+    flags = (0 if side == "BUY" else 1) | (_MAKER if _amount("fee", fee) < 0 else 0)
+    record = _record(flags, size, price, value, fee, "0")
+    if extra:
+        record += b"|" + _to_json(extra)
+    return record
+
+
+# --------------------------------------------------------------------------- requests and answers
 
 
 @dataclass(frozen=True)
@@ -468,7 +492,8 @@ class _Query:
 
 
 # Why a request is refused -> {API version: (HTTP status, code, message)}; a "{}" in the message
-# takes the detail.  v2 codes are strings and its bodies carry requestTime (see _rejection).
+# takes the detail.  v2 codes are strings and its bodies carry requestTime (see
+# _ApiVersion.rejection).
 _ERRORS: dict[str, dict[int, tuple[int, str | int, str]]] = {
     "header": {
         2: (401, "40006", "Invalid ACCESS_KEY"),
@@ -566,177 +591,29 @@ def _params(query: str) -> tuple[str | None, dict[str, int | None], int]:
     return params.get("symbol"), numbers, limit
 
 
-def _wait_seconds(
-    events: deque[tuple[float, int]], limit: int, window: float, now: float, weight: int
-) -> int | None:
-    """Whole seconds until `weight` more fits in the rolling window, or None if it fits now.
+# --------------------------------------------------------------------------- the store of fills
 
-    Expired events are dropped from `events` as a side effect.
+
+class _FillStore:
+    """The exchange's data: the listed contracts, the accounts and their books of visible fills,
+    the fills not visible yet, and the ids handed out.  Each fill is stored once, whatever
+    version serves it (see the storage section).
+
+    Its public methods are the Simulator's (it binds them in __init__).  `now_ms` is the server
+    clock, which decides when a late fill becomes visible.
     """
-    while events and events[0][0] <= now - window:
-        events.popleft()
-    used = sum(w for _, w in events)
-    if used + weight <= limit:
-        return None
-    if weight > limit:
-        return math.ceil(window)
-    freed = 0
-    for charged_at, w in events:
-        freed += w
-        if used - freed + weight <= limit:
-            break
-    return max(1, math.ceil(charged_at + window - now))
 
-
-class _Server(ThreadingHTTPServer):
-    """Tracks open connections so stop() can drop idle keep-alive ones immediately."""
-
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], simulator: Simulator) -> None:
-        self.simulator = simulator
-        self._connections: set[socket.socket] = set()
-        self._connections_lock = threading.Lock()
-        super().__init__(address, _Handler)
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        conn, address = super().get_request()
-        with self._connections_lock:
-            self._connections.add(conn)
-        return conn, address
-
-    def shutdown_request(self, request: Any) -> None:
-        with self._connections_lock:
-            self._connections.discard(request)
-        super().shutdown_request(request)
-
-    def close_connections(self) -> None:
-        with self._connections_lock:
-            connections = list(self._connections)
-        for conn in connections:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that timed out and hung up is normal here (the "slow" fault); anything
-        # else is a simulator bug and gets the default traceback.
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # Headers and body go out in separate writes; with Nagle on, the body waits for the
-    # client's delayed ACK (~40 ms per request on keep-alive connections).
-    disable_nagle_algorithm = True
-    server: _Server
-
-    def do_GET(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length).decode("utf-8", "replace") if length else ""
-        simulator = self.server.simulator
-        response = simulator._respond(self.path, self.headers, body, self.client_address[0])
-        self.send_response(response.status)
-        self.send_header("Content-Type", response.content_type)
-        self.send_header("Content-Length", str(len(response.body)))
-        for name, value in response.headers:
-            self.send_header(name, value)
-        self.end_headers()
-        if response.fault not in CUT_FAULTS:
-            self.wfile.write(response.body)
-            return
-        # The announced length is never reached: the client sees an incomplete read.
-        self.wfile.write(response.body[: len(response.body) // 2])
-        if response.fault == "stall":
-            simulator._stopping.wait(simulator.slow_seconds)
-        self.close_connection = True
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silenced: one stderr line per request would drown test and benchmark output."""
-
-
-# --------------------------------------------------------------------------- simulator
-
-
-class Simulator:
-    """In-memory WEEX accounts and fills served over HTTP; see the module docstring."""
-
-    def __init__(
-        self, *, symbols: Iterable[str] = ("cmt_btcusdt", "cmt_ethusdt"), seed: int = 1
-    ) -> None:
+    def __init__(self, symbols: tuple[str, ...], seed: int, now_ms: Callable[[], int]) -> None:
         # The contracts the exchange lists; an account's book of one appears on its first fill.
-        self.symbols = tuple(symbols)
-        self.seed = seed
-        # Behaviour switches: plain attributes, read on every request.
-        self.faults: dict[str, float] = dict.fromkeys(FAULT_KINDS, 0.0)
-        self.fault_seed: int = seed
-        self.slow_seconds: float = 3.0  # the "slow" fault's delay, and how long "stall" stalls
-        self.retry_after: int = 1
-        self.latency: float = 0.0
-        self.clock_offset_ms: int = 0
-        self.uid_limit: tuple[int, float] | None = None
-        self.ip_limit: tuple[int, float] | None = None
-        # api key -> any JSON value served verbatim (HTTP 200, either version) instead of the real
-        # page to that account's accepted fills requests, e.g. {"list": [], "nextFlag": True}.
-        self.hostile_pages: dict[str, Any] = {}
-        self.v2_enabled: bool = True  # False: the v2 paths answer 404 (an exchange without v2)
-        # Which end of [startTime, endTime] a full page is taken from -- the newest or the
-        # oldest fills of the range -- per version (neither version's docs say), and how a page
-        # lists them: None lists them in the order they were selected in (newest: descending),
-        # "newest"/"oldest" always descending/ascending whatever the selection, "shuffled" in
-        # random order.
-        self.order = "newest"  # v3
-        self.v2_order = "newest"  # v2
-        self.listing: str | None = None
-        self.max_span_ms: int | None = V3_MAX_SPAN_MS  # v3: longest endTime - startTime
-        self.horizon_ms: int | None = V3_HORIZON_MS  # v3: how far back startTime may reach
-        # Stats.
-        self.requests: list[dict[str, Any]] = []
-        self.base_url: str | None = None
-
-        self._contracts = {name: _contract(name) for name in self.symbols}
-        self._v3_symbols = {c.v3.decode(): name for name, c in self._contracts.items()}
+        self.symbols = symbols
+        self.seed = seed  # what generate_fills derives its seeds from
+        self.contracts = {name: _contract(name) for name in symbols}
+        self._now_ms = now_ms
         self._lock = threading.Lock()
         self._accounts: dict[str, _Account] = {}
         self._pending: list[_Pending] = []  # a heap: the next fill to become visible first
         self._pending_seq = itertools.count()
         self._next_id = ID_BASE + 1
-        self._fault_rng = random.Random(seed)
-        self._fault_rng_seed = seed
-        self._shuffle_rng = random.Random(seed)
-        self._uid_events: dict[str, deque[tuple[float, int]]] = {}
-        self._ip_events: dict[str, deque[tuple[float, int]]] = {}
-        self._stopping = threading.Event()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def order(self) -> str:
-        return self._order
-
-    @order.setter
-    def order(self, value: str) -> None:
-        self._order = _checked(value, V3_ORDERS, "order")
-
-    @property
-    def v2_order(self) -> str:
-        return self._v2_order
-
-    @v2_order.setter
-    def v2_order(self, value: str) -> None:
-        self._v2_order = _checked(value, V3_ORDERS, "v2_order")
-
-    @property
-    def listing(self) -> str | None:
-        return self._listing
-
-    @listing.setter
-    def listing(self, value: str | None) -> None:
-        self._listing = None if value is None else _checked(value, LISTINGS, "listing")
-
-    # ----------------------------------------------------------------------- accounts & data
 
     def add_account(
         self,
@@ -801,7 +678,7 @@ class Simulator:
                 trade_id += in_order
                 order_id += 1
 
-        self._store(api_key, symbol, _columns(fills()), visible_delay_ms)
+        self._add(api_key, symbol, _columns(fills()), visible_delay_ms)
 
     def add_fill(
         self,
@@ -829,22 +706,7 @@ class Simulator:
         server still filters and sorts by `created_time`, `trade_id` and `order_id`.  The fill is
         served from server time `created_time + visible_after_ms` on.
         """
-        if side not in ("BUY", "SELL"):
-            raise ValueError(f"side must be BUY or SELL, not {side!r}")
-        if value is not None and price is not None:
-            raise ValueError("give value or price, not both")
-        size_amount = _amount("size", size)
-        if size_amount <= 0:
-            raise ValueError(f"size must be positive, not {size!r}")
-        if price is None:
-            value = "100" if value is None else value
-            price = _decimal_text(_price_of(_amount("value", value), size_amount))
-        else:
-            value = _decimal_text(_EXACT.multiply(_amount("price", price), size_amount))
-        flags = (0 if side == "BUY" else 1) | (_MAKER if _amount("fee", fee) < 0 else 0)
-        record = _record(flags, size, price, value, fee, "0")
-        if extra:
-            record += b"|" + _to_json(extra)
+        record = _given_fill_record(side, size, value, price, fee, extra)
         if trade_id is None:
             trade_id = self._reserve_ids(1)
         if order_id is None:
@@ -853,7 +715,7 @@ class Simulator:
             if not isinstance(id_value, int) or _id_key(id_value) == NO_ID:
                 raise ValueError(f"{name} must be a 64-bit integer (add_raw_fill takes any id)")
         fill = (created_time, trade_id, order_id, record)
-        self._store(api_key, symbol, _columns([fill]), visible_after_ms)
+        self._add(api_key, symbol, _columns([fill]), visible_after_ms)
         return _served(_render(2, (*fill, self._contract_of(symbol))))
 
     def add_burst(
@@ -882,7 +744,7 @@ class Simulator:
         """
         trade_id = obj["tradeId"] if "tradeId" in obj else obj.get("id")
         fill = (created_time, _id_key(trade_id), _id_key(obj.get("orderId")), _to_json(obj))
-        self._store(api_key, symbol, _columns([fill]), 0)
+        self._add(api_key, symbol, _columns([fill]), 0)
 
     def remove_fill(self, api_key: str, symbol: str, trade_id: int) -> None:
         """Withdraws a visible fill (the exchange corrects it: add its new version after)."""
@@ -919,6 +781,29 @@ class Simulator:
         entries.sort(key=_ENTRY_KEY)  # stable: one book's order is kept
         return [_served(_render(version, entry)) for entry in reversed(entries)]
 
+    def find_account(self, api_key: str) -> _Account | None:
+        """The account of this key, if there is one (what authentication looks up)."""
+        with self._lock:
+            return self._accounts.get(api_key)
+
+    def select(self, account: _Account, query: _Query, newest: bool) -> tuple[int, list[_Entry]]:
+        """(number of visible fills matching the query, the page of them in serving order)."""
+        names = self.symbols if query.symbol is None else (query.symbol,)
+        total = 0
+        entries: list[_Entry] = []
+        with self._lock:
+            self._release_due()
+            for name in names:
+                book = account.books.get(name)
+                if book is not None:
+                    matched, page = book.query(
+                        query.start, query.end, query.order_id, query.limit, newest
+                    )
+                    total += matched
+                    entries.extend(page)
+        entries.sort(key=_ENTRY_KEY, reverse=newest)  # merges the contracts' pages
+        return total, entries[: query.limit]
+
     def _reserve_ids(self, n: int) -> int:
         """First of `n` fresh consecutive ids, unique within this simulator."""
         with self._lock:
@@ -926,7 +811,7 @@ class Simulator:
             self._next_id += n
         return first
 
-    def _store(self, api_key: str, symbol: str, columns: _Columns, delay_ms: int) -> None:
+    def _add(self, api_key: str, symbol: str, columns: _Columns, delay_ms: int) -> None:
         """Adds fills to the account's book; those not visible yet wait in the pending heap."""
         contract = self._contract_of(symbol)
         times = columns[0]
@@ -934,7 +819,7 @@ class Simulator:
             return
         with self._lock:
             account = self._account(api_key)
-            now = self.server_time_ms()
+            now = self._now_ms()
             if max(times) + delay_ms <= now:  # the usual case: everything visible at once
                 self._book(account, contract).extend(columns)
                 return
@@ -958,7 +843,7 @@ class Simulator:
         """
         if not self._pending:
             return
-        now = self.server_time_ms()
+        now = self._now_ms()
         while self._pending and self._pending[0].visible_at <= now:
             fill = heapq.heappop(self._pending)
             book = self._book(self._accounts[fill.api_key], fill.contract)
@@ -971,7 +856,7 @@ class Simulator:
         return account
 
     def _contract_of(self, symbol: str) -> _Contract:
-        contract = self._contracts.get(symbol)
+        contract = self.contracts.get(symbol)
         if contract is None:
             raise ValueError(f"unknown symbol {symbol!r}; simulator symbols: {self.symbols}")
         return contract
@@ -983,6 +868,464 @@ class Simulator:
         if book is None:
             book = account.books[contract.name] = _Book(contract)
         return book
+
+
+# --------------------------------------------------------------------------- the API versions
+
+
+def _gateway_error(status: int, code: str, msg: str, now_ms: int, **kwargs: Any) -> _Response:
+    """An error in v2's shape: v2's own, and what the gateway answers for 404 and 429 on both
+    versions."""
+    body = {"code": code, "msg": msg, "requestTime": now_ms}
+    return _json_response(status, body, **kwargs)
+
+
+def _too_many(retry_after: int, now_ms: int, fault: str | None = None) -> _Response:
+    return _gateway_error(
+        429,
+        "429",
+        "Too many requests, please try again later",
+        now_ms,
+        headers=(("Retry-After", str(retry_after)),),
+        fault=fault,
+    )
+
+
+class _ApiVersion(ABC):
+    """What one version of the fills API does its own way: read a fills query, lay out a page,
+    word a refusal and tell the time.  Both versions serve the one store of fills."""
+
+    version: ClassVar[int]
+
+    def __init__(self, contracts: dict[str, _Contract], now_ms: Callable[[], int]) -> None:
+        self.contracts = contracts  # the listed contracts by their v2 name
+        self.now_ms = now_ms  # the server clock
+        self.enabled = True  # False: its paths answer 404 (an exchange without this version)
+        # Which end of [startTime, endTime] a full page is taken from -- the newest or the
+        # oldest fills of the range: the docs of neither version say.
+        self.order = "newest"
+
+    @abstractmethod
+    def parse(self, query: str) -> _Query:
+        """The fills query of this query string; raises _Rejected if this version refuses it."""
+
+    def page(self, total: int, entries: list[_Entry]) -> bytes:
+        """The body of a page listing `entries`, of `total` fills matching its query."""
+        return self._page_body(total, [_render(self.version, entry) for entry in entries])
+
+    def rejection(self, rejected: _Rejected, **kwargs: Any) -> _Response:
+        status, code, message = _ERRORS[rejected.reason][self.version]
+        return self._error(status, code, message.format(rejected.detail), **kwargs)
+
+    def server_time(self) -> _Response:
+        """The answer of this version's public server-time endpoint."""
+        return _json_response(200, self._time_body(self.now_ms()))
+
+    @abstractmethod
+    def _page_body(self, total: int, texts: list[bytes]) -> bytes: ...
+
+    @abstractmethod
+    def _error(self, status: int, code: str | int, msg: str, **kwargs: Any) -> _Response: ...
+
+    @abstractmethod
+    def _time_body(self, now: int) -> dict[str, Any]: ...
+
+
+class _V2Api(_ApiVersion):
+    """GET /capi/v2/order/fills: a page is {"list", "nextFlag", "totals"}; codes are strings."""
+
+    version = 2
+
+    def parse(self, query: str) -> _Query:
+        symbol, numbers, limit = _params(query)
+        start, end = numbers["startTime"], numbers["endTime"]
+        if start is not None and end is not None and start > end:
+            raise _Rejected("parameter", "startTime must not be after endTime")
+        if symbol is not None and symbol not in self.contracts:
+            raise _Rejected("symbol", symbol)
+        return _Query(symbol, numbers["orderId"], start, end, limit)
+
+    def _page_body(self, total: int, texts: list[bytes]) -> bytes:
+        next_flag = b"true" if total > len(texts) else b"false"
+        return b'{"list":[%b],"nextFlag":%b,"totals":%d}' % (b",".join(texts), next_flag, total)
+
+    def _error(self, status: int, code: str | int, msg: str, **kwargs: Any) -> _Response:
+        return _gateway_error(status, str(code), msg, self.now_ms(), **kwargs)
+
+    def _time_body(self, now: int) -> dict[str, Any]:
+        seconds, millis = divmod(now, 1000)
+        iso = dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        return {"epoch": f"{seconds}.{millis:03d}", "iso": f"{iso}.{millis:03d}Z", "timestamp": now}
+
+
+class _V3Api(_ApiVersion):
+    """GET /capi/v3/userTrades: symbols as BTCUSDT, a time range always (filled in when not
+    given) and limited in span and age, a page is a bare array, codes are negative numbers."""
+
+    version = 3
+
+    def __init__(self, contracts: dict[str, _Contract], now_ms: Callable[[], int]) -> None:
+        super().__init__(contracts, now_ms)
+        self.max_span_ms: int | None = V3_MAX_SPAN_MS  # longest endTime - startTime
+        self.horizon_ms: int | None = V3_HORIZON_MS  # how far back startTime may reach
+        self._names = {c.v3.decode(): name for name, c in contracts.items()}  # BTCUSDT -> v2 name
+
+    def parse(self, query: str) -> _Query:
+        """The v3 query with its time range filled in; the limits judge that effective range."""
+        symbol, numbers, limit = _params(query)
+        name = None
+        if symbol is not None:
+            name = self._names.get(symbol)
+            if name is None:
+                raise _Rejected("symbol", symbol)
+        now = self.now_ms()
+        end = now if numbers["endTime"] is None else numbers["endTime"]
+        # Without startTime: the 7 days up to endTime.  A guess, the docs are silent; it is what
+        # Binance's userTrades (which v3 mirrors) does when neither time is given.
+        start = end - V3_MAX_SPAN_MS if numbers["startTime"] is None else numbers["startTime"]
+        if start > end:
+            raise _Rejected("start_after_end", f"{start} > {end}")
+        if self.max_span_ms is not None and end - start > self.max_span_ms:
+            raise _Rejected("too_long", f"{end - start} ms > {self.max_span_ms} ms")
+        if self.horizon_ms is not None and start < now - self.horizon_ms:
+            raise _Rejected("too_old", f"{start} < server time - {self.horizon_ms} ms")
+        return _Query(name, numbers["orderId"], start, end, limit)
+
+    def _page_body(self, total: int, texts: list[bytes]) -> bytes:
+        return b"[%b]" % b",".join(texts)
+
+    def _error(self, status: int, code: str | int, msg: str, **kwargs: Any) -> _Response:
+        return _json_response(status, {"code": code, "msg": msg}, **kwargs)
+
+    def _time_body(self, now: int) -> dict[str, Any]:
+        return {"serverTime": now}
+
+
+class _Listing:
+    """How a page lists the fills it selected, on either version, whatever end of the range it
+    took them from (the docs do not say).  `mode` None lists them in the order they were
+    selected in (from the newest end: descending), "newest"/"oldest" always descending/ascending,
+    "shuffled" in a random order, seeded so that a run can be repeated."""
+
+    def __init__(self, seed: int) -> None:
+        self.mode: str | None = None
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+
+    def arrange(self, entries: list[_Entry], newest: bool) -> None:
+        """Puts a page's entries, selected from the newest end if `newest`, in listing order."""
+        if self.mode == "shuffled":
+            with self._lock:
+                self._rng.shuffle(entries)
+        elif self.mode is not None and (self.mode == "newest") != newest:
+            entries.reverse()
+
+
+# --------------------------------------------------------------------------- faults and limits
+
+
+class _Faults:
+    """Injected faults: each fills request that passes authentication and parsing draws one kind
+    of FAULT_KINDS, or none, against the `rates` (kind -> probability), and `hostile_pages`
+    replace the pages of chosen keys.
+
+    The draws come from one generator seeded with `seed`; setting `seed` starts them over from
+    the new one, so a test that sets it gets the same faults in the same order every run.
+    """
+
+    def __init__(self, seed: int, stopping: threading.Event, now_ms: Callable[[], int]) -> None:
+        self.rates: dict[str, float] = dict.fromkeys(FAULT_KINDS, 0.0)
+        self.seed = seed
+        self.slow_seconds: float = 3.0  # the "slow" fault's delay, and how long "stall" stalls
+        self.retry_after: int = 1  # the "429" fault's Retry-After, in seconds
+        # api key -> any JSON value served verbatim (HTTP 200, either version) instead of the real
+        # page to that account's accepted fills requests, e.g. {"list": [], "nextFlag": True}.
+        self.hostile_pages: dict[str, Any] = {}
+        self._stopping = stopping  # set by Simulator.stop, which cuts the delays short
+        self._now_ms = now_ms
+        self._lock = threading.Lock()
+        self._rng = random.Random(seed)
+        self._rng_seed = seed
+
+    def draw(self) -> str | None:
+        """One uniform draw per request against the cumulative fault probabilities."""
+        with self._lock:
+            if self._rng_seed != self.seed:
+                self._rng = random.Random(self.seed)
+                self._rng_seed = self.seed
+            draw = self._rng.random()
+        threshold = 0.0
+        for kind in FAULT_KINDS:
+            threshold += self.rates.get(kind, 0.0)
+            if draw < threshold:
+                return kind
+        return None
+
+    def answer(
+        self, fault: str | None, api: _ApiVersion, page: Callable[[], bytes]
+    ) -> _Response | None:
+        """What a request that drew `fault` gets instead of its page, or None if it is served
+        (after the "slow" fault's delay).  `page` makes the page it asked for."""
+        if fault == "429":
+            return _too_many(self.retry_after, self._now_ms(), fault)
+        if fault in ("500", "502", "503"):
+            return _html_response(int(fault), fault)
+        if fault == "error200":
+            return api.rejection(_Rejected("busy"), fault=fault)
+        if fault == "malformed":
+            body = page()
+            return _Response(200, body[: len(body) // 2], fault=fault)
+        if fault in CUT_FAULTS:  # the handler sends half of it
+            return _Response(200, page(), fault=fault)
+        if fault == "slow":
+            self.delay()
+        return None
+
+    def delay(self) -> None:
+        """The "slow" fault's delay and the "stall" fault's stall; stop() ends it early."""
+        self._stopping.wait(self.slow_seconds)
+
+    def hostile_page(self, api_key: str) -> bytes | None:
+        """The body served instead of this key's real pages, if `hostile_pages` has one."""
+        if api_key in self.hostile_pages:
+            return _to_json(self.hostile_pages[api_key])
+        return None
+
+
+def _wait_seconds(
+    events: deque[tuple[float, int]], limit: int, window: float, now: float, weight: int
+) -> int | None:
+    """Whole seconds until `weight` more fits in the rolling window, or None if it fits now.
+
+    Expired events are dropped from `events` as a side effect.
+    """
+    while events and events[0][0] <= now - window:
+        events.popleft()
+    used = sum(w for _, w in events)
+    if used + weight <= limit:
+        return None
+    if weight > limit:
+        return math.ceil(window)
+    freed = 0
+    for charged_at, w in events:
+        freed += w
+        if used - freed + weight <= limit:
+            break
+    return max(1, math.ceil(charged_at + window - now))
+
+
+class _Limits:
+    """Weighted rolling-window rate limits: each fills request that gets past the faults costs
+    FILLS_WEIGHT to its API key's budget (the UID's) and to its client IP's.  `uid` and `ip` are
+    (weight, seconds) windows, or None for no limit.  The windows are server state: reset_stats
+    keeps them."""
+
+    def __init__(self) -> None:
+        self.uid: tuple[int, float] | None = None
+        self.ip: tuple[int, float] | None = None
+        self._lock = threading.Lock()
+        self._uid_events: dict[str, deque[tuple[float, int]]] = {}
+        self._ip_events: dict[str, deque[tuple[float, int]]] = {}
+
+    def charge(self, api_key: str, client_ip: str) -> int | None:
+        """Charges the fills weight to the UID and IP windows; seconds to wait if over a limit."""
+        now = time.monotonic()
+        limits = [
+            (limit, events, key)
+            for limit, events, key in (
+                (self.uid, self._uid_events, api_key),
+                (self.ip, self._ip_events, client_ip),
+            )
+            if limit is not None
+        ]
+        with self._lock:
+            windows = [(limit, events.setdefault(key, deque())) for limit, events, key in limits]
+            waits = [
+                _wait_seconds(charged, weight, seconds, now, FILLS_WEIGHT)
+                for (weight, seconds), charged in windows
+            ]
+            if any(w is not None for w in waits):
+                return max(w for w in waits if w is not None)
+            for _, charged in windows:
+                charged.append((now, FILLS_WEIGHT))
+        return None
+
+
+# --------------------------------------------------------------------------- HTTP plumbing
+
+
+class _Server(ThreadingHTTPServer):
+    """Tracks open connections so stop() can drop idle keep-alive ones immediately."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], simulator: Simulator) -> None:
+        self.simulator = simulator
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        conn, address = super().get_request()
+        with self._connections_lock:
+            self._connections.add(conn)
+        return conn, address
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        with self._connections_lock:
+            connections = list(self._connections)
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that timed out and hung up is normal here (the "slow" fault); anything
+        # else is a simulator bug and gets the default traceback.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes; with Nagle on, the body waits for the
+    # client's delayed ACK (~40 ms per request on keep-alive connections).
+    disable_nagle_algorithm = True
+    server: _Server
+
+    def do_GET(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length).decode("utf-8", "replace") if length else ""
+        simulator = self.server.simulator
+        response = simulator._respond(self.path, self.headers, body, self.client_address[0])
+        self.send_response(response.status)
+        self.send_header("Content-Type", response.content_type)
+        self.send_header("Content-Length", str(len(response.body)))
+        for name, value in response.headers:
+            self.send_header(name, value)
+        self.end_headers()
+        if response.fault not in CUT_FAULTS:
+            self.wfile.write(response.body)
+            return
+        # The announced length is never reached: the client sees an incomplete read.
+        self.wfile.write(response.body[: len(response.body) // 2])
+        if response.fault == "stall":
+            simulator._faults.delay()
+        self.close_connection = True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Silenced: one stderr line per request would drown test and benchmark output."""
+
+
+# --------------------------------------------------------------------------- simulator
+
+_T = TypeVar("_T")
+
+
+def _check_choice(value: object, allowed: tuple[str, ...], name: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, not {value!r}")
+
+
+class _Forwarded(Generic[_T]):
+    """A Simulator attribute kept by one of its parts: `sim.<name>` reads and sets
+    `sim.<part>.<attribute>`, so the switches keep their names for the tests, the benchmark
+    and the demo while each part owns the ones it reads.
+
+    With `choices`, a value outside them (None too, unless `nullable`) raises ValueError.
+    """
+
+    def __init__(
+        self, part: str, attribute: str, *, choices: tuple[str, ...] = (), nullable: bool = False
+    ) -> None:
+        self.part = part
+        self.attribute = attribute
+        self.choices = choices
+        self.nullable = nullable
+        self.name = attribute
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, sim: None, owner: type) -> Self: ...
+
+    @overload
+    def __get__(self, sim: object, owner: type) -> _T: ...
+
+    def __get__(self, sim: object | None, owner: type) -> _T | Self:
+        if sim is None:
+            return self
+        value: _T = getattr(getattr(sim, self.part), self.attribute)
+        return value
+
+    def __set__(self, sim: object, value: _T) -> None:
+        if self.choices and not (self.nullable and value is None):
+            _check_choice(value, self.choices, self.name)
+        setattr(getattr(sim, self.part), self.attribute, value)
+
+
+class Simulator:
+    """In-memory WEEX accounts and fills served over HTTP; see the module docstring.
+
+    The facade of its parts: it serves HTTP, authenticates and records the requests, and leaves
+    the rest to the store of fills (_FillStore, whose methods it binds as its own), one
+    _ApiVersion per version, the page _Listing, the _Faults and the rate _Limits.
+    """
+
+    # The contracts the exchange lists, and the seed generate_fills derives its seeds from.
+    symbols = _Forwarded[tuple[str, ...]]("_store", "symbols")
+    seed = _Forwarded[int]("_store", "seed")
+    # Behaviour switches, read on every request; each is kept (and documented) by its part.
+    faults = _Forwarded[dict[str, float]]("_faults", "rates")
+    fault_seed = _Forwarded[int]("_faults", "seed")
+    slow_seconds = _Forwarded[float]("_faults", "slow_seconds")
+    retry_after = _Forwarded[int]("_faults", "retry_after")
+    hostile_pages = _Forwarded[dict[str, Any]]("_faults", "hostile_pages")
+    uid_limit = _Forwarded[tuple[int, float] | None]("_limits", "uid")
+    ip_limit = _Forwarded[tuple[int, float] | None]("_limits", "ip")
+    v2_enabled = _Forwarded[bool]("_v2", "enabled")
+    v2_order = _Forwarded[str]("_v2", "order", choices=V3_ORDERS)
+    order = _Forwarded[str]("_v3", "order", choices=V3_ORDERS)
+    max_span_ms = _Forwarded[int | None]("_v3", "max_span_ms")
+    horizon_ms = _Forwarded[int | None]("_v3", "horizon_ms")
+    listing = _Forwarded[str | None]("_listing", "mode", choices=LISTINGS, nullable=True)
+
+    def __init__(
+        self, *, symbols: Iterable[str] = ("cmt_btcusdt", "cmt_ethusdt"), seed: int = 1
+    ) -> None:
+        self.latency: float = 0.0  # seconds every answer waits before it goes out
+        self.clock_offset_ms: int = 0  # how far the server clock is ahead of this machine's
+        # Stats: one record per request answered (see _respond).
+        self.requests: list[dict[str, Any]] = []
+        self.base_url: str | None = None
+
+        self._stopping = threading.Event()  # set by stop(): every wait ends
+        self._store = _FillStore(tuple(symbols), seed, self.server_time_ms)
+        self._v2 = _V2Api(self._store.contracts, self.server_time_ms)
+        self._v3 = _V3Api(self._store.contracts, self.server_time_ms)
+        self._apis: dict[int, _ApiVersion] = {2: self._v2, 3: self._v3}
+        self._listing = _Listing(seed)
+        self._faults = _Faults(seed, self._stopping, self.server_time_ms)
+        self._limits = _Limits()
+        self._lock = threading.Lock()  # guards `requests`
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+        # The store's methods are the simulator's (documented there).
+        self.add_account = self._store.add_account
+        self.generate_fills = self._store.generate_fills
+        self.add_fill = self._store.add_fill
+        self.add_burst = self._store.add_burst
+        self.add_raw_fill = self._store.add_raw_fill
+        self.remove_fill = self._store.remove_fill
+        self.fills = self._store.fills
 
     # ----------------------------------------------------------------------- stats
 
@@ -1051,13 +1394,14 @@ class Simulator:
         """Answers one GET request (called by the HTTP handler) and records it."""
         arrived = time.monotonic()
         path, _, query = raw_path.partition("?")
-        route = _ROUTES.get(path)
-        if route is None or (route[1] == 2 and not self.v2_enabled):
-            response = self._error(404, "404", f"no such endpoint {path}")
-        elif route[0] == "time":
-            response = self._time_response(route[1])
+        endpoint, version = _ROUTES.get(path, ("", 0))
+        api = self._apis.get(version)
+        if api is None or not api.enabled:
+            response = _gateway_error(404, "404", f"no such endpoint {path}", self.server_time_ms())
+        elif endpoint == "time":
+            response = api.server_time()
         else:
-            response = self._fills_response(route[1], path, query, headers, body, client_ip)
+            response = self._fills_response(api, path, query, headers, body, client_ip)
         if self.latency > 0:
             self._stopping.wait(self.latency)
         record = {
@@ -1073,41 +1417,9 @@ class Simulator:
             self.requests.append(record)
         return response
 
-    def _error(self, status: int, code: str, msg: str, **kwargs: Any) -> _Response:
-        """An error in v2's shape (also what the gateway answers for 404 and 429)."""
-        body = {"code": code, "msg": msg, "requestTime": self.server_time_ms()}
-        return _json_response(status, body, **kwargs)
-
-    def _rejection(self, version: int, rejected: _Rejected, **kwargs: Any) -> _Response:
-        status, code, message = _ERRORS[rejected.reason][version]
-        if version == 2:
-            return self._error(status, str(code), message.format(rejected.detail), **kwargs)
-        body = {"code": code, "msg": message.format(rejected.detail)}
-        return _json_response(status, body, **kwargs)
-
-    def _too_many(self, retry_after: int, fault: str | None = None) -> _Response:
-        return self._error(
-            429,
-            "429",
-            "Too many requests, please try again later",
-            headers=(("Retry-After", str(retry_after)),),
-            fault=fault,
-        )
-
-    def _time_response(self, version: int) -> _Response:
-        now = self.server_time_ms()
-        if version == 3:
-            return _json_response(200, {"serverTime": now})
-        seconds, millis = divmod(now, 1000)
-        iso = dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        return _json_response(
-            200,
-            {"epoch": f"{seconds}.{millis:03d}", "iso": f"{iso}.{millis:03d}Z", "timestamp": now},
-        )
-
     def _fills_response(
         self,
-        version: int,
+        api: _ApiVersion,
         path: str,
         query: str,
         headers: Message,
@@ -1120,31 +1432,22 @@ class Simulator:
                 raise _Rejected("ip")
             if not account.permitted:
                 raise _Rejected("permission")
-            parsed = self._parse_v2(query) if version == 2 else self._parse_v3(query)
+            parsed = api.parse(query)
         except _Rejected as rejected:
-            return self._rejection(version, rejected)
+            return api.rejection(rejected)
 
-        fault = self._draw_fault()
-        if fault == "429":
-            return self._too_many(self.retry_after, fault)
-        if fault in ("500", "502", "503"):
-            return _html_response(int(fault), fault)
-        if fault == "error200":
-            return self._rejection(version, _Rejected("busy"), fault=fault)
-        if fault == "malformed":
-            page = self._page(version, account, parsed)
-            return _Response(200, page[: len(page) // 2], fault=fault)
-        if fault in CUT_FAULTS:  # the handler sends half of it
-            return _Response(200, self._page(version, account, parsed), fault=fault)
-        if fault == "slow":
-            self._stopping.wait(self.slow_seconds)
+        def page() -> bytes:
+            return self._page(api, account, parsed)
 
-        wait = self._charge(api_key, client_ip)
+        fault = self._faults.draw()
+        instead = self._faults.answer(fault, api, page)
+        if instead is not None:
+            return instead
+        wait = self._limits.charge(api_key, client_ip)
         if wait is not None:
-            return self._too_many(wait)
-        if api_key in self.hostile_pages:
-            return _Response(200, _to_json(self.hostile_pages[api_key]), fault=fault)
-        return _Response(200, self._page(version, account, parsed), fault=fault)
+            return _too_many(wait, self.server_time_ms())
+        hostile = self._faults.hostile_page(api_key)
+        return _Response(200, page() if hostile is None else hostile, fault=fault)
 
     def _authenticate(
         self, path: str, query: str, headers: Message, body: str
@@ -1157,8 +1460,7 @@ class Simulator:
                 raise _Rejected("header", name)
             values.append(value)
         api_key, sign, timestamp, passphrase = values
-        with self._lock:
-            account = self._accounts.get(api_key)
+        account = self._store.find_account(api_key)
         if account is None:
             raise _Rejected("key")
         if not hmac.compare_digest(passphrase.encode(), account.passphrase.encode()):
@@ -1174,113 +1476,14 @@ class Simulator:
             raise _Rejected("signature")
         return api_key, account
 
-    def _parse_v2(self, query: str) -> _Query:
-        symbol, numbers, limit = _params(query)
-        start, end = numbers["startTime"], numbers["endTime"]
-        if start is not None and end is not None and start > end:
-            raise _Rejected("parameter", "startTime must not be after endTime")
-        if symbol is not None and symbol not in self._contracts:
-            raise _Rejected("symbol", symbol)
-        return _Query(symbol, numbers["orderId"], start, end, limit)
-
-    def _parse_v3(self, query: str) -> _Query:
-        """The v3 query with its time range filled in; the limits judge that effective range."""
-        symbol, numbers, limit = _params(query)
-        name = None
-        if symbol is not None:
-            name = self._v3_symbols.get(symbol)
-            if name is None:
-                raise _Rejected("symbol", symbol)
-        now = self.server_time_ms()
-        end = now if numbers["endTime"] is None else numbers["endTime"]
-        # Without startTime: the 7 days up to endTime.  A guess, the docs are silent; it is what
-        # Binance's userTrades (which v3 mirrors) does when neither time is given.
-        start = end - V3_MAX_SPAN_MS if numbers["startTime"] is None else numbers["startTime"]
-        if start > end:
-            raise _Rejected("start_after_end", f"{start} > {end}")
-        if self.max_span_ms is not None and end - start > self.max_span_ms:
-            raise _Rejected("too_long", f"{end - start} ms > {self.max_span_ms} ms")
-        if self.horizon_ms is not None and start < now - self.horizon_ms:
-            raise _Rejected("too_old", f"{start} < server time - {self.horizon_ms} ms")
-        return _Query(name, numbers["orderId"], start, end, limit)
-
-    def _draw_fault(self) -> str | None:
-        """One uniform draw per request against the cumulative fault probabilities."""
-        with self._lock:
-            if self._fault_rng_seed != self.fault_seed:
-                self._fault_rng = random.Random(self.fault_seed)
-                self._fault_rng_seed = self.fault_seed
-            draw = self._fault_rng.random()
-        threshold = 0.0
-        for kind in FAULT_KINDS:
-            threshold += self.faults.get(kind, 0.0)
-            if draw < threshold:
-                return kind
-        return None
-
-    def _charge(self, api_key: str, client_ip: str) -> int | None:
-        """Charges the fills weight to the UID and IP windows; seconds to wait if over a limit."""
-        now = time.monotonic()
-        limits = [
-            (limit, events, key)
-            for limit, events, key in (
-                (self.uid_limit, self._uid_events, api_key),
-                (self.ip_limit, self._ip_events, client_ip),
-            )
-            if limit is not None
-        ]
-        with self._lock:
-            windows = [(limit, events.setdefault(key, deque())) for limit, events, key in limits]
-            waits = [
-                _wait_seconds(charged, weight, seconds, now, FILLS_WEIGHT)
-                for (weight, seconds), charged in windows
-            ]
-            if any(w is not None for w in waits):
-                return max(w for w in waits if w is not None)
-            for _, charged in windows:
-                charged.append((now, FILLS_WEIGHT))
-        return None
-
-    def _page(self, version: int, account: _Account, query: _Query) -> bytes:
-        newest = (self.v2_order if version == 2 else self.order) == "newest"
-        total, entries = self._select(account, query, newest)
-        if self.listing == "shuffled":
-            with self._lock:
-                self._shuffle_rng.shuffle(entries)
-        elif self.listing is not None and (self.listing == "newest") != newest:
-            entries.reverse()
-        texts = [_render(version, entry) for entry in entries]
-        if version == 2:
-            next_flag = b"true" if total > len(texts) else b"false"
-            return b'{"list":[%b],"nextFlag":%b,"totals":%d}' % (b",".join(texts), next_flag, total)
-        return b"[%b]" % b",".join(texts)
-
-    def _select(self, account: _Account, query: _Query, newest: bool) -> tuple[int, list[_Entry]]:
-        """(number of visible fills matching the query, the page of them in serving order)."""
-        names = self.symbols if query.symbol is None else (query.symbol,)
-        total = 0
-        entries: list[_Entry] = []
-        with self._lock:
-            self._release_due()
-            for name in names:
-                book = account.books.get(name)
-                if book is not None:
-                    matched, page = book.query(
-                        query.start, query.end, query.order_id, query.limit, newest
-                    )
-                    total += matched
-                    entries.extend(page)
-        entries.sort(key=_ENTRY_KEY, reverse=newest)  # merges the contracts' pages
-        return total, entries[: query.limit]
+    def _page(self, api: _ApiVersion, account: _Account, query: _Query) -> bytes:
+        newest = api.order == "newest"
+        total, entries = self._store.select(account, query, newest)
+        self._listing.arrange(entries, newest)
+        return api.page(total, entries)
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-def _checked(value: str, allowed: tuple[str, ...], name: str) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, not {value!r}")
-    return value
 
 
 def _limit_arg(text: str) -> tuple[int, float]:
