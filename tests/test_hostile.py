@@ -645,7 +645,9 @@ def test_nul_and_lone_surrogate_in_a_message_do_not_kill_a_loop(runner, exchange
         message = row["error_message"]
         assert "\x00" not in message and "\n" not in message
         assert "bad\\x00thing \\ud800" in message, message
-    assert rows["user2"] and all(r["status"] == "success" for r in rows["user2"])
+    # user2 is never hurt by user1's messages (a pass the SIGTERM cut short says interrupted)
+    assert any(r["status"] == "success" for r in rows["user2"])
+    assert all(r["status"] == "success" or r["error_kind"] == "interrupted" for r in rows["user2"])
     assert stored_ids(db, "user2") == {"1"}
 
 
