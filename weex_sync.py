@@ -3517,48 +3517,61 @@ def status_day_ranges(names: Iterable[str]) -> dict[str, tuple[dt.date | None, d
 
 
 def status_days_ahead(conn: Conn, now: float) -> None:
-    """Today's partition of sync_status and the next days', each made as a table of its own
-    and then attached (ATTACH takes no lock a reader or a writer waits for; CREATE TABLE ...
-    PARTITION OF would)."""
+    """Today's partition of sync_status and the next days' (sync_status has no indexes of its
+    own: an upgraded table's differ from those made here, see upgrade_status_table)."""
     ranges = status_day_ranges(partitions(conn, "sync_status")).values()
     today = utc_day(now).date()
     for k in range(STATUS_DAYS_AHEAD + 1):
         day = today + dt.timedelta(days=k)
         if any((start is None or start <= day) and day < end for start, end in ranges):
             continue
-        name = f"sync_status_p{day:%Y%m%d}"
         low = dt.datetime.combine(day, dt.time(), dt.UTC)
-        high = low + dt.timedelta(days=1)
-        table = sql.Identifier(name)
-        with conn, conn.cursor() as cur:
-            cur.execute(
-                sql.SQL(
-                    "CREATE TABLE {} (LIKE sync_status INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
-                ).format(table)
+        attach_partition(
+            conn,
+            "sync_status",
+            f"sync_status_p{day:%Y%m%d}",
+            ("last_sync_time", low, low + dt.timedelta(days=1)),
+            {"time": "last_sync_time", "pair": "user_id, symbol, last_sync_time"},
+        )
+
+
+def attach_partition(
+    conn: Conn, parent: str, name: str, bounds: tuple[str, Any, Any], indexes: dict[str, str]
+) -> None:
+    """``name`` as a partition of ``parent`` for ``bounds`` (column, from, to): made as a table
+    of its own with a CHECK constraint that proves the bounds and its ``indexes`` (suffix ->
+    columns), then attached -- ATTACH takes no lock a reader or a writer of ``parent`` waits
+    for, and the constraint spares it a scan (CREATE TABLE ... PARTITION OF would lock them
+    out). A partitioned table's own indexes are added to the partition by ATTACH."""
+    column, low, high = bounds
+    table = sql.Identifier(name)
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)").format(
+                table, sql.Identifier(parent)
             )
+        )
+        cur.execute(
+            sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} >= %s AND {} < %s)").format(
+                table,
+                sql.Identifier(f"{name}_bounds"),
+                sql.Identifier(column),
+                sql.Identifier(column),
+            ),
+            (low, high),
+        )
+        for suffix, columns in indexes.items():
             cur.execute(
-                sql.SQL(
-                    "ALTER TABLE {} ADD CONSTRAINT {} CHECK (last_sync_time >= %s AND "
-                    "last_sync_time < %s)"
-                ).format(table, sql.Identifier(f"{name}_day")),
-                (low, high),
-            )
-            cur.execute(
-                sql.SQL("CREATE INDEX {} ON {} (last_sync_time)").format(
-                    sql.Identifier(f"{name}_time"), table
+                sql.SQL("CREATE INDEX {} ON {} (" + columns + ")").format(
+                    sql.Identifier(f"{name}_{suffix}"), table
                 )
             )
-            cur.execute(
-                sql.SQL("CREATE INDEX {} ON {} (user_id, symbol, last_sync_time)").format(
-                    sql.Identifier(f"{name}_pair"), table
-                )
-            )
-            cur.execute(
-                sql.SQL(
-                    "ALTER TABLE sync_status ATTACH PARTITION {} FOR VALUES FROM (%s) TO (%s)"
-                ).format(table),
-                (low, high),
-            )
+        cur.execute(
+            sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM (%s) TO (%s)").format(
+                sql.Identifier(parent), table
+            ),
+            (low, high),
+        )
 
 
 def drop_old_status_days(conn: Conn, days: int, now: float) -> None:
@@ -3629,26 +3642,8 @@ def fills_months_ahead(conn: Conn, partition_fills: str, now: float) -> None:
         name = f"trade_fills_p{low:%Y%m}"
         if name in existing:
             continue
-        bounds = (int(low.timestamp() * 1000), int(high.timestamp() * 1000))
-        table = sql.Identifier(name)
-        with conn, conn.cursor() as cur:
-            cur.execute(
-                sql.SQL(
-                    "CREATE TABLE {} (LIKE trade_fills INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
-                ).format(table)
-            )
-            cur.execute(
-                sql.SQL(
-                    "ALTER TABLE {} ADD CONSTRAINT {} CHECK (trade_time >= %s AND trade_time < %s)"
-                ).format(table, sql.Identifier(f"{name}_month")),
-                bounds,
-            )
-            cur.execute(
-                sql.SQL(
-                    "ALTER TABLE trade_fills ATTACH PARTITION {} FOR VALUES FROM (%s) TO (%s)"
-                ).format(table),
-                bounds,
-            )
+        ms = (int(low.timestamp() * 1000), int(high.timestamp() * 1000))
+        attach_partition(conn, "trade_fills", name, ("trade_time", *ms), {})
 
 
 def prepare_database(cfg: Config) -> Conn:

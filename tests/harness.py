@@ -154,6 +154,17 @@ def test_db_name(pg: dict) -> Iterator[str]:
     drop_database(pg, name)
 
 
+def create_scratch_database(pg: dict, scratch_db_names: list[str], prefix: str) -> str:
+    """A new, empty database with a unique name, dropped after the test (scratch_db_names)."""
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
+    scratch_db_names.append(name)
+    conn = admin_connection(pg)
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    conn.close()
+    return name
+
+
 @pytest.fixture
 def scratch_db_names(pg: dict):
     """Names of extra databases a test creates (or makes weex_sync create); dropped after it."""

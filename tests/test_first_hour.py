@@ -29,6 +29,7 @@ from harness import (
     START_MS,
     Database,
     Harness,
+    create_scratch_database,
     database_exists,
     finish,
     make_account,
@@ -205,12 +206,7 @@ def test_status_on_a_database_without_tables_is_exit_3_and_creates_nothing(
     harness: Harness, sim, pg, scratch_db_names
 ):
     harness.accounts = [make_account(sim, 1)]
-    name = f"weex_empty_{os.getpid()}"
-    scratch_db_names.append(name)
-    conn = psycopg2.connect(dbname="postgres", **pg)
-    conn.autocommit = True
-    conn.cursor().execute(f"CREATE DATABASE {name}")
-    conn.close()
+    name = create_scratch_database(pg, scratch_db_names, "weex_empty")
     harness.database["dbname"] = name
 
     assert harness.run("--status") == 3

@@ -6,8 +6,6 @@ changes the tables' shape."""
 from __future__ import annotations
 
 import datetime as dt
-import os
-import secrets
 import threading
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ from harness import (
     START_MS,
     Database,
     Harness,
+    create_scratch_database,
     make_account,
     stored_fills,
     v2_only,
@@ -33,12 +32,7 @@ DATA = Path(__file__).resolve().parent / "data"  # the schema of weex_sync 3.0
 @pytest.fixture
 def own_db(harness: Harness, pg: dict, scratch_db_names: list[str]) -> Database:
     """A database of this test's own, created empty; the harness points at it."""
-    name = f"weex_history_{os.getpid()}_{secrets.token_hex(3)}"
-    scratch_db_names.append(name)
-    conn = psycopg2.connect(dbname="postgres", **pg)
-    conn.autocommit = True
-    conn.cursor().execute(f"CREATE DATABASE {name}")
-    conn.close()
+    name = create_scratch_database(pg, scratch_db_names, "weex_history")
     harness.database["dbname"] = name
     database = Database(pg, name)
     yield database
