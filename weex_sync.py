@@ -55,7 +55,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from decimal import Context, Decimal
@@ -3244,11 +3244,14 @@ def open_database(db: DatabaseConfig, create: bool = True) -> Conn:
     exists = database_exists(db)
     if exists is None:  # the server cannot be asked
         raise StorageError(describe_db_error(failure))
-    if exists:  # the failure was another, or another weex_sync created it a moment ago
-        try:
-            return connect(db)
-        except psycopg2.Error as exc:
-            raise StorageError(describe_db_error(exc)) from None
+    if not exists:
+        create_database(db, create)
+    return connect_once_created(db)  # exists: the failure was another, or it was just created
+
+
+def create_database(db: DatabaseConfig, create: bool) -> None:
+    """CREATE DATABASE through the ``postgres`` database; another weex_sync creating it at the
+    same moment is fine."""
     if not create:
         raise StorageError(f'database "{db.dbname}" does not exist (nothing was created)')
     try:
@@ -3266,7 +3269,12 @@ def open_database(db: DatabaseConfig, create: bool = True) -> Conn:
         raise StorageError(
             f'database "{db.dbname}" does not exist and cannot be created: {describe_db_error(exc)}'
         ) from None
-    deadline = time.monotonic() + 10
+
+
+def connect_once_created(db: DatabaseConfig, patience: float = 10.0) -> Conn:
+    """A connection to a database that exists or is being created: while the catalog says it
+    does not (another process's CREATE DATABASE has not committed), wait for it a while."""
+    deadline = time.monotonic() + patience
     while True:
         try:
             return connect(db)
@@ -3693,19 +3701,10 @@ def lock_key(user_id: str, symbol: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-def _columns(fills: list[Fill]) -> dict[str, list]:
-    return {
-        "order_id": [f.order_id for f in fills],
-        "trade_id": [f.trade_id for f in fills],
-        "symbol": [f.symbol for f in fills],
-        "side": [f.side for f in fills],
-        "price": [f.price for f in fills],
-        "size": [f.size for f in fills],
-        "fee": [f.fee for f in fills],
-        "fee_coin": [f.fee_coin for f in fills],
-        "trade_time": [f.trade_time for f in fills],
-        "raw": [f.raw for f in fills],
-    }
+def _columns(rows: Sequence[NamedTuple]) -> dict[str, list]:
+    """Fills (or rejected fills) as one array per field: the parameters of an unnest()."""
+    fields = type(rows[0])._fields if rows else ()
+    return {name: [getattr(row, name) for row in rows] for name in fields}
 
 
 class Saved(NamedTuple):
@@ -3762,18 +3761,6 @@ def _correction_reason(stored: Fill, served: Fill) -> str:
 
 def _distinct_rejected(rejected: list[Rejected]) -> list[Rejected]:
     return list({r.fingerprint: r for r in rejected}.values())
-
-
-def _rejected_columns(rejected: list[Rejected]) -> dict[str, list]:
-    return {
-        "symbol": [r.symbol for r in rejected],
-        "order_id": [r.order_id for r in rejected],
-        "trade_id": [r.trade_id for r in rejected],
-        "trade_time": [r.trade_time for r in rejected],
-        "reason": [r.reason for r in rejected],
-        "raw": [r.raw for r in rejected],
-        "fingerprint": [r.fingerprint for r in rejected],
-    }
 
 
 class Store:
@@ -3941,7 +3928,8 @@ class Store:
         """Put fills in rejected_fills (once each); their rows' ids."""
         if not rejected:
             return []
-        columns = _rejected_columns(_distinct_rejected(rejected))
+        distinct = _distinct_rejected(rejected)
+        columns = {**_columns(distinct), "fingerprint": [r.fingerprint for r in distinct]}
         cur.execute(QUARANTINE_SQL, {**columns, "user_id": user_id})
         return [row[0] for row in cur.fetchall()]
 

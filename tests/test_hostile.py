@@ -1308,25 +1308,46 @@ def escaped_account(user_id: str) -> Account:
     )
 
 
-ECHOES = {
+def mixed_quotes_account(user_id: str) -> Account:
+    """A passphrase with a single quote, a double quote and a backslash; a secret key with a
+    single quote and a backslash only (so repr() quotes it with " on its own, but with ' and
+    an escaped \\' inside a text that holds a double quote). Both share a random tag."""
+    tag = secrets.token_hex(6)
+    return Account(
+        user_id,
+        api_key=f"key-{user_id}-{secrets.token_hex(4)}",
+        secret_key=f"SE'c\\ret{tag}s",
+        passphrase=f"PA'ss\"w\\d{tag}p",
+    )
+
+
+ECHOES = {  # each echoes the secrets as they are, and after a double quote
     "msg as text": lambda r, u: error_reply(r, SYMBOL_CODE, f"bad {u.passphrase} {u.secret_key}"),
     "msg as an object": lambda r, u: error_reply(
-        r, SYMBOL_CODE, {"echo": [u.passphrase, u.secret_key]}
-    ),  # type: ignore[arg-type]
+        r,
+        SYMBOL_CODE,
+        {"echo": [u.passphrase, u.secret_key, f'"{u.passphrase}', f'"{u.secret_key}']},  # type: ignore[arg-type]
+    ),
     "code": lambda r, u: Reply(400, {"code": u.passphrase, "msg": u.secret_key}),
     "a fill's field": lambda r, u: answer(
         r,
         [],
-        always=[make_fill(r.version, 1, START_MS + 10, side=u.passphrase, orderId=u.secret_key)],
+        always=[
+            make_fill(r.version, 1, START_MS + 10, side=u.passphrase, orderId=f'"{u.secret_key}')
+        ],
     ),
 }
+ESCAPED_ACCOUNTS = {"escaped": escaped_account, "mixed quotes": mixed_quotes_account}
 
 
-@pytest.mark.parametrize("log_format", ["text", "json"])
+@pytest.mark.parametrize(
+    ("kind", "log_format"), [("escaped", "text"), ("escaped", "json"), ("mixed quotes", "text")]
+)
 def test_an_escaped_secret_never_reaches_a_log_a_table_or_the_metrics(
-    runner, exchange, db, tmp_path, log_format
+    runner, exchange, db, tmp_path, kind, log_format
 ):
-    runner.accounts = [escaped_account(f"user{n}") for n in range(1, len(ECHOES) + 1)]
+    make = ESCAPED_ACCOUNTS[kind]
+    runner.accounts = [make(f"user{n}") for n in range(1, len(ECHOES) + 1)]
     echo_of = {
         u.api_key: (echo, u) for u, echo in zip(runner.accounts, ECHOES.values(), strict=True)
     }
@@ -1345,6 +1366,7 @@ def test_an_escaped_secret_never_reaches_a_log_a_table_or_the_metrics(
     seen += metrics.read_text()
 
     assert db.scalar("SELECT count(*) FROM rejected_fills") == 1  # the fill's echo is stored
+    assert len(exchange.fills_requests()) >= len(ECHOES)
     for user in runner.accounts:
         tag = user.passphrase[-13:-1]  # the random part both secrets share
         assert tag not in seen, (user.user_id, [line for line in seen.splitlines() if tag in line])
@@ -1528,56 +1550,6 @@ def test_a_shorter_window_does_not_drop_a_longer_windows_entries(runner, exchang
     entries = budget_entries(path)[key]
     kept = sum(w for at, w in entries if at < short_started - 1)
     assert kept == charged, entries
-
-
-def mixed_quotes_account(user_id: str) -> Account:
-    """A passphrase with a single quote, a double quote and a backslash; a secret key with a
-    single quote and a backslash only (so repr() quotes it with " on its own, but with ' and
-    an escaped \\' inside a text that holds a double quote). Both share a random tag."""
-    tag = secrets.token_hex(6)
-    return Account(
-        user_id,
-        api_key=f"key-{user_id}-{secrets.token_hex(4)}",
-        secret_key=f"SE'c\\ret{tag}s",
-        passphrase=f"PA'ss\"w\\d{tag}p",
-    )
-
-
-QUOTE_ECHOES = {
-    "msg as text": lambda r, u: error_reply(r, SYMBOL_CODE, f"bad {u.passphrase} {u.secret_key}"),
-    "msg as an object": lambda r, u: error_reply(
-        r,
-        SYMBOL_CODE,
-        {"echo": [u.passphrase, u.secret_key, f'"{u.passphrase}', f'"{u.secret_key}']},  # type: ignore[arg-type]
-    ),
-    "a fill's field": lambda r, u: answer(
-        r,
-        [],
-        always=[
-            make_fill(
-                r.version, 1, START_MS + 10, side=f'"{u.passphrase}', orderId=f'"{u.secret_key}'
-            )
-        ],
-    ),
-}
-
-
-def test_secrets_with_both_quotes_and_a_backslash_never_leak_in_any_form(runner, exchange, db):
-    runner.accounts = [mixed_quotes_account(f"user{n}") for n in range(1, len(QUOTE_ECHOES) + 1)]
-    echo_of = {
-        u.api_key: (e, u) for u, e in zip(runner.accounts, QUOTE_ECHOES.values(), strict=True)
-    }
-    exchange.fills = lambda request: echo_of[request.key][0](request, echo_of[request.key][1])
-
-    assert runner.run("--log-level", "DEBUG") == 1
-    seen = runner.last_log
-    assert runner.run("--status", "--json") == 0
-    seen += runner.out + repr(db.status()) + repr(db.rows("SELECT * FROM rejected_fills"))
-
-    assert len(exchange.fills_requests()) >= len(QUOTE_ECHOES)
-    for user in runner.accounts:
-        tag = user.passphrase[-13:-1]  # the random part both secrets share
-        assert tag not in seen, (user.user_id, [line for line in seen.splitlines() if tag in line])
 
 
 YAML_LEAKS = {
