@@ -5,16 +5,18 @@ not compete with the client for the GIL. Protocol (one JSON object per line):
 
 * first line in: the spec, ``{"seed": 1, "symbols": [...], "accounts": [{"api_key": ...,
   "secret_key": ..., "passphrase": ..., "fills": {"<symbol>": <count>}, "start_ms": ...,
-  "end_ms": ...}]}`` plus any settable attribute (SETTABLE: latency, uid_limit, ...);
+  "end_ms": ...}]}`` plus any settable attribute (SETTABLE: latency, uid_limit, penalty_box,
+  ...; JSON lists become tuples);
   first line out: ``{"base_url": ..., "setup_seconds": ...}`` once serving;
 * then commands in, one answer out each: ``{"cmd": "set", <attribute>: value, ...}``;
   ``{"cmd": "generate", "fills": [[api_key, symbol, count, start_ms, end_ms], ...]}``;
   ``{"cmd": "add_fills", "fills": [[api_key, symbol, created_ms, visible_after_ms], ...]}``
   (answers the new fills' trade ids); ``{"cmd": "window_counts", "api_key": ..., "start_ms":
   ..., "span_ms": ...}`` (fills per window up to now); ``{"cmd": "reset_stats"}``; ``{"cmd": "stats"}``
-  (fills requests on either API version, 429s, accepted requests' arrival times, the
-  simulator's clock and CPU time); ``{"cmd": "quit"}``. Every answer carries ``now_ms``, the
-  simulator's clock (which ``clock_offset_ms`` moves).
+  (fills requests on either API version, 429s, requests the rate limits or the penalty box
+  refused, penalty boxes entered, accepted requests' arrival times, the simulator's clock and
+  CPU time); ``{"cmd": "quit"}``. Every answer carries ``now_ms``, the simulator's clock
+  (which ``clock_offset_ms`` moves).
 
 Run by run_bench.py with PYTHONPATH pointing at the project, so ``weex_sim`` imports.
 """
@@ -32,6 +34,8 @@ from weex_sim import FILLS_PATHS, Simulator
 
 SETTABLE = {"latency", "uid_limit", "ip_limit", "order", "clock_offset_ms"}
 SETTABLE |= {"max_span_ms", "horizon_ms", "listing", "v2_order"}
+SETTABLE |= {"burst_limit", "limit_code", "limit_retry_after", "charge_refused"}
+SETTABLE |= {"penalty_box", "penalty_status"}
 FILLS = set(FILLS_PATHS.values())  # the fills endpoints of v2 and v3
 
 
@@ -85,6 +89,8 @@ def answer(sim: Simulator, command: dict) -> dict:
                 r["t"] for r in records if r["path"] in FILLS and r["status"] == 200
             ],
             "status_429": sum(r["status"] == 429 for r in records),
+            "refused": sum(r["refused"] for r in records),
+            "penalty_boxes": sim.penalty_boxes,
             "fills_by_client": dict(Counter(r["client"] for r in records if r["path"] in FILLS)),
         }
     else:

@@ -9,6 +9,18 @@ the docs are silent (which end of a range a page holds and how it lists it, on e
 when a fill becomes visible) switches
 make it behave each way the real exchange might.  Used in-process by the test-suite and benchmarks,
 and standalone (see ``main``) by the demo.  Standard library only.
+
+Rate limiting can be made stricter than the docs, as public reports say the exchange may be (each
+default is the docs' behaviour; see _Limits):
+
+* ``burst_limit`` (None): a second per-IP window, e.g. (50, 1.0), a burst cap the docs do not list;
+* ``limit_code`` ("429"): a refusal's code; "-1003" and "-1059" answer in v3's shape, ``{"code":
+  -1059, "msg": ...}``, on either version;
+* ``limit_retry_after`` (True): False leaves Retry-After out of refusals;
+* ``charge_refused`` (False): True charges refused requests to the windows too;
+* ``penalty_box`` (None): (refusals, within_seconds, box_seconds): an IP refused that often is
+  refused everything for box_seconds (``penalty_boxes`` counts the boxes entered);
+* ``penalty_status`` (429): the HTTP status of a boxed IP's refusals, 429 or 418 (a ban).
 """
 
 from __future__ import annotations
@@ -55,6 +67,13 @@ MAX_CLOCK_DRIFT_MS = 30_000
 FAULT_KINDS = ("429", "500", "502", "503", "slow", "malformed", "error200", "drop", "stall")
 # Faults whose response announces its full length but sends only the first half of the body.
 CUT_FAULTS = ("drop", "stall")
+# Simulator.limit_code -> the message of a rate-limit refusal with that code (see _too_many).
+LIMIT_CODES = {
+    "429": "Too many requests, please try again later",
+    "-1003": "TOO_MANY_REQUESTS: too many requests",
+    "-1059": "TOO_MANY_REQUESTS: too many high-frequency requests",
+}
+PENALTY_STATUSES = (429, 418)  # Simulator.penalty_status: 418 is what some exchanges ban with
 ID_BASE = 10**18  # every generated id is ID_BASE + n, far above 2**53
 QUERY_PARAMS = frozenset({"symbol", "orderId", "startTime", "endTime", "limit"})
 DAY_MS = 86_400_000
@@ -480,6 +499,8 @@ class _Response:
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
     fault: str | None = None
+    refused: bool = False  # by the rate limits (see _Limits), not by a fault
+    boxed: bool = False  # because the client IP is in the penalty box
 
 
 @dataclass(frozen=True)
@@ -880,15 +901,16 @@ def _gateway_error(status: int, code: str, msg: str, now_ms: int, **kwargs: Any)
     return _json_response(status, body, **kwargs)
 
 
-def _too_many(retry_after: int, now_ms: int, fault: str | None = None) -> _Response:
-    return _gateway_error(
-        429,
-        "429",
-        "Too many requests, please try again later",
-        now_ms,
-        headers=(("Retry-After", str(retry_after)),),
-        fault=fault,
-    )
+def _too_many(
+    retry_after: int | None, now_ms: int, *, status: int = 429, code: str = "429", **kwargs: Any
+) -> _Response:
+    """A rate-limit refusal with a code of LIMIT_CODES: "429" in the gateway's shape, the others
+    in v3's, whatever version was asked; with Retry-After unless `retry_after` is None."""
+    headers = () if retry_after is None else (("Retry-After", str(retry_after)),)
+    if code == "429":
+        return _gateway_error(status, code, LIMIT_CODES[code], now_ms, headers=headers, **kwargs)
+    body = {"code": int(code), "msg": LIMIT_CODES[code]}
+    return _json_response(status, body, headers=headers, **kwargs)
 
 
 class _ApiVersion(ABC):
@@ -1067,7 +1089,7 @@ class _Faults:
         """What a request that drew `fault` gets instead of its page, or None if it is served
         (after the "slow" fault's delay).  `page` makes the page it asked for."""
         if fault == "429":
-            return _too_many(self.retry_after, self._now_ms(), fault)
+            return _too_many(self.retry_after, self._now_ms(), fault=fault)
         if fault in ("500", "502", "503"):
             return _html_response(int(fault), fault)
         if fault == "error200":
@@ -1115,26 +1137,69 @@ def _wait_seconds(
 
 
 class _Limits:
-    """Weighted rolling-window rate limits: each fills request that gets past the faults costs
-    FILLS_WEIGHT to its API key's budget (the UID's) and to its client IP's.  `uid` and `ip` are
-    (weight, seconds) windows, or None for no limit.  The windows are server state: reset_stats
-    keeps them."""
+    """Weighted rolling-window rate limits, and how the exchange refuses what exceeds them.
 
-    def __init__(self) -> None:
+    Each fills request that gets past the faults costs FILLS_WEIGHT to its API key's window (the
+    UID's) and to its client IP's.  It must fit every window configured, else it is refused (HTTP
+    429) and, unless `charge_refused`, not charged.  A window is (weight, seconds) or None:
+
+    * `uid`, `ip`: the documented windows of an API key and of a client IP;
+    * `burst`: a second, short per-IP window the docs do not list, e.g. (50, 1.0).
+
+    How the refusals go (the defaults are the docs'):
+
+    * `code`: a key of LIMIT_CODES: "429" (the gateway's body) or "-1003"/"-1059" (v3's shape,
+      on either version);
+    * `retry_after`: whether a refusal carries Retry-After (in whole seconds, rounded up);
+    * `charge_refused`: refused requests are charged to the windows too;
+    * `penalty_box`: (refusals, within_seconds, box_seconds) or None: an IP refused `refusals`
+      times within `within_seconds` has every fills request refused for `box_seconds`, right
+      after authentication; refusals in the box neither extend it nor count toward the next;
+    * `penalty_status`: the HTTP status of those refusals, one of PENALTY_STATUSES.
+
+    The windows and boxes are server state: reset_stats keeps them, but zeroes `boxes`, how many
+    times an IP entered the penalty box.
+    """
+
+    def __init__(self, now_ms: Callable[[], int]) -> None:
         self.uid: tuple[int, float] | None = None
         self.ip: tuple[int, float] | None = None
+        self.burst: tuple[int, float] | None = None
+        self.code = "429"
+        self.retry_after = True
+        self.charge_refused = False
+        self.penalty_box: tuple[int, float, float] | None = None
+        self.penalty_status = 429
+        self.boxes = 0
+        self._now_ms = now_ms  # the server clock, for the gateway's requestTime
         self._lock = threading.Lock()
         self._uid_events: dict[str, deque[tuple[float, int]]] = {}
         self._ip_events: dict[str, deque[tuple[float, int]]] = {}
+        self._burst_events: dict[str, deque[tuple[float, int]]] = {}
+        self._refusals: dict[str, deque[float]] = {}  # client IP -> when it was refused lately
+        self._boxed_until: dict[str, float] = {}  # client IP -> when its penalty box ends
 
-    def charge(self, api_key: str, client_ip: str) -> int | None:
-        """Charges the fills weight to the UID and IP windows; seconds to wait if over a limit."""
+    def boxed(self, client_ip: str) -> _Response | None:
+        """The refusal of a request from an IP in the penalty box, or None if it is not in one."""
+        if self.penalty_box is None:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            until = self._boxed_until.get(client_ip, now)
+            if until <= now:
+                self._boxed_until.pop(client_ip, None)
+                return None
+        return self._refusal(self.penalty_status, math.ceil(until - now), boxed=True)
+
+    def charge(self, api_key: str, client_ip: str) -> _Response | None:
+        """Charges the fills weight to every window; the refusal if it does not fit them all."""
         now = time.monotonic()
         limits = [
             (limit, events, key)
             for limit, events, key in (
                 (self.uid, self._uid_events, api_key),
                 (self.ip, self._ip_events, client_ip),
+                (self.burst, self._burst_events, client_ip),
             )
             if limit is not None
         ]
@@ -1144,11 +1209,33 @@ class _Limits:
                 _wait_seconds(charged, weight, seconds, now, FILLS_WEIGHT)
                 for (weight, seconds), charged in windows
             ]
-            if any(w is not None for w in waits):
-                return max(w for w in waits if w is not None)
-            for _, charged in windows:
-                charged.append((now, FILLS_WEIGHT))
-        return None
+            wait = max((w for w in waits if w is not None), default=None)
+            if wait is None or self.charge_refused:
+                for _, charged in windows:
+                    charged.append((now, FILLS_WEIGHT))
+            if wait is not None:
+                self._count_refusal(client_ip, now)
+        return None if wait is None else self._refusal(429, wait, boxed=False)
+
+    def _count_refusal(self, client_ip: str, now: float) -> None:
+        """Notes a refusal of the IP, which the last straw puts in the penalty box (lock held)."""
+        if self.penalty_box is None or self._boxed_until.get(client_ip, now) > now:
+            return
+        refusals, within, box = self.penalty_box
+        times = self._refusals.setdefault(client_ip, deque())
+        while times and times[0] <= now - within:
+            times.popleft()
+        times.append(now)
+        if len(times) >= refusals:
+            times.clear()
+            self._boxed_until[client_ip] = now + box
+            self.boxes += 1
+
+    def _refusal(self, status: int, wait: int, *, boxed: bool) -> _Response:
+        retry_after = wait if self.retry_after else None
+        return _too_many(
+            retry_after, self._now_ms(), status=status, code=self.code, refused=True, boxed=boxed
+        )
 
 
 # --------------------------------------------------------------------------- HTTP plumbing
@@ -1228,7 +1315,7 @@ class _Handler(BaseHTTPRequestHandler):
 _T = TypeVar("_T")
 
 
-def _check_choice(value: object, allowed: tuple[str, ...], name: str) -> None:
+def _check_choice(value: object, allowed: tuple[object, ...], name: str) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, not {value!r}")
 
@@ -1242,7 +1329,7 @@ class _Forwarded(Generic[_T]):
     """
 
     def __init__(
-        self, part: str, attribute: str, *, choices: tuple[str, ...] = (), nullable: bool = False
+        self, part: str, attribute: str, *, choices: tuple[object, ...] = (), nullable: bool = False
     ) -> None:
         self.part = part
         self.attribute = attribute
@@ -1290,6 +1377,12 @@ class Simulator:
     hostile_pages = _Forwarded[dict[str, Any]]("_faults", "hostile_pages")
     uid_limit = _Forwarded[tuple[int, float] | None]("_limits", "uid")
     ip_limit = _Forwarded[tuple[int, float] | None]("_limits", "ip")
+    burst_limit = _Forwarded[tuple[int, float] | None]("_limits", "burst")
+    limit_code = _Forwarded[str]("_limits", "code", choices=tuple(LIMIT_CODES))
+    limit_retry_after = _Forwarded[bool]("_limits", "retry_after")
+    charge_refused = _Forwarded[bool]("_limits", "charge_refused")
+    penalty_box = _Forwarded[tuple[int, float, float] | None]("_limits", "penalty_box")
+    penalty_status = _Forwarded[int]("_limits", "penalty_status", choices=PENALTY_STATUSES)
     v2_enabled = _Forwarded[bool]("_v2", "enabled")
     v2_order = _Forwarded[str]("_v2", "order", choices=V3_ORDERS)
     order = _Forwarded[str]("_v3", "order", choices=V3_ORDERS)
@@ -1313,7 +1406,7 @@ class Simulator:
         self._apis: dict[int, _ApiVersion] = {2: self._v2, 3: self._v3}
         self._listing = _Listing(seed)
         self._faults = _Faults(seed, self._stopping, self.server_time_ms)
-        self._limits = _Limits()
+        self._limits = _Limits(self.server_time_ms)
         self._lock = threading.Lock()  # guards `requests`
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -1342,10 +1435,17 @@ class Simulator:
                 and (path is None or r["path"] == path)
             )
 
+    @property
+    def penalty_boxes(self) -> int:
+        """How many times a client IP entered the penalty box since the last reset_stats."""
+        return self._limits.boxes
+
     def reset_stats(self) -> None:
-        """Forgets recorded requests (rate-limit windows are server state and are kept)."""
+        """Forgets recorded requests and zeroes penalty_boxes (rate-limit windows and penalty
+        boxes are server state and are kept)."""
         with self._lock:
             self.requests.clear()
+            self._limits.boxes = 0
 
     # ----------------------------------------------------------------------- server
 
@@ -1412,6 +1512,8 @@ class Simulator:
             "status": response.status,
             "fault": response.fault,
             "client": client_ip,
+            "refused": response.refused,  # by a rate limit or the penalty box (not a 429 fault)
+            "boxed": response.boxed,
         }
         with self._lock:
             self.requests.append(record)
@@ -1432,6 +1534,9 @@ class Simulator:
                 raise _Rejected("ip")
             if not account.permitted:
                 raise _Rejected("permission")
+            boxed = self._limits.boxed(client_ip)
+            if boxed is not None:
+                return boxed
             parsed = api.parse(query)
         except _Rejected as rejected:
             return api.rejection(rejected)
@@ -1443,9 +1548,9 @@ class Simulator:
         instead = self._faults.answer(fault, api, page)
         if instead is not None:
             return instead
-        wait = self._limits.charge(api_key, client_ip)
-        if wait is not None:
-            return _too_many(wait, self.server_time_ms())
+        refusal = self._limits.charge(api_key, client_ip)
+        if refusal is not None:
+            return refusal
         hostile = self._faults.hostile_page(api_key)
         return _Response(200, page() if hostile is None else hostile, fault=fault)
 
@@ -1492,6 +1597,15 @@ def _limit_arg(text: str) -> tuple[int, float]:
         return int(weight), float(window)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected WEIGHT/SECONDS, e.g. 500/10, not {text!r}")
+
+
+def _penalty_box_arg(text: str) -> tuple[int, float, float]:
+    refusals, _, rest = text.partition("/")
+    within, _, box = rest.partition("/")
+    try:
+        return int(refusals), float(within), float(box)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N/WITHIN/BOX, e.g. 6/10/60, not {text!r}")
 
 
 def _date_arg(text: str) -> dt.datetime:
@@ -1559,6 +1673,28 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--uid-limit", type=_limit_arg, help="WEIGHT/SECONDS, e.g. 500/10")
     parser.add_argument("--ip-limit", type=_limit_arg, help="WEIGHT/SECONDS, e.g. 500/10")
+    parser.add_argument(
+        "--burst-limit", type=_limit_arg, help="a second per-IP window WEIGHT/SECONDS, e.g. 50/1"
+    )
+    parser.add_argument(
+        "--limit-code",
+        choices=tuple(LIMIT_CODES),
+        default="429",
+        help="the code of a rate-limit refusal (negative: v3-shaped body on both versions)",
+    )
+    parser.add_argument(
+        "--no-retry-after",
+        dest="limit_retry_after",
+        action="store_false",
+        help="rate-limit refusals carry no Retry-After",
+    )
+    parser.add_argument(
+        "--penalty-box",
+        type=_penalty_box_arg,
+        metavar="N/WITHIN/BOX",
+        help="e.g. 6/10/60: an IP refused N times within WITHIN seconds is refused everything "
+        "for BOX seconds",
+    )
     parser.add_argument("--fault-rate", type=float, default=0, help="spread over fault kinds")
     parser.add_argument("--latency-ms", type=float, default=0)
     return parser.parse_args(argv)
@@ -1583,6 +1719,10 @@ def main(argv: list[str] | None = None) -> int:
     sim = Simulator(symbols=symbols, seed=args.seed)
     sim.uid_limit = args.uid_limit
     sim.ip_limit = args.ip_limit
+    sim.burst_limit = args.burst_limit
+    sim.limit_code = args.limit_code
+    sim.limit_retry_after = args.limit_retry_after
+    sim.penalty_box = args.penalty_box
     sim.order = args.order
     sim.v2_order = args.v2_order
     sim.listing = args.listing

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import importlib.util
 import json
 import subprocess
 import sys
@@ -21,13 +22,14 @@ from urllib.parse import urlencode
 import pytest
 import requests
 
-from harness import DEV
+from harness import DEV, ROOT
 from weex_sim import (
     FILLS_PATH,
     TIME_PATH,
     V3_FILLS_PATH,
     V3_TIME_PATH,
     Simulator,
+    _parse_args,
 )
 
 BTC, ETH = "cmt_btcusdt", "cmt_ethusdt"
@@ -114,6 +116,12 @@ def v3_error(response: requests.Response) -> tuple[int, int]:
     error = body(response)
     assert set(error) == {"code", "msg"} and isinstance(error["msg"], str)
     return response.status_code, error["code"]
+
+
+def as_account(sim: Simulator, api_key: str) -> dict[str, str]:
+    """signed_get's credentials of a new account `api_key` (a fresh UID budget, same client IP)."""
+    sim.add_account(api_key, SECRET, PASSPHRASE)
+    return {"key": api_key}
 
 
 def key(fill: dict[str, Any]) -> tuple[int, int]:
@@ -434,6 +442,184 @@ def test_rate_limits_charge_both_fills_endpoints_but_not_time(sim):
     assert signed_get(sim, FILLS_PATH).status_code == 429
 
 
+# --- stricter than the docs: burst cap, refusal codes, charged refusals, penalty box -------------
+
+
+def test_burst_limit_caps_an_ip_across_keys_on_top_of_ip_limit(sim):
+    other = as_account(sim, "other")
+    sim.ip_limit = (15, 60.0)  # three fills requests a minute
+    sim.burst_limit = (10, 0.5)  # two per half second
+    assert signed_get(sim, V3_FILLS_PATH).status_code == 200
+    assert signed_get(sim, FILLS_PATH, **other).status_code == 200
+    capped = signed_get(sim, V3_FILLS_PATH)
+    assert capped.status_code == 429 and capped.headers["Retry-After"] == "1"
+    assert body(capped)["code"] == "429"
+
+    time.sleep(0.55)  # the burst window has passed; the refused request was not charged
+    assert signed_get(sim, V3_FILLS_PATH, **other).status_code == 200
+    limited = signed_get(sim, V3_FILLS_PATH)  # fits the burst window, not the IP's minute
+    assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 59
+
+
+@pytest.mark.parametrize("path", [FILLS_PATH, V3_FILLS_PATH])
+@pytest.mark.parametrize(
+    ("code", "msg"),
+    [
+        ("-1003", "TOO_MANY_REQUESTS: too many requests"),
+        ("-1059", "TOO_MANY_REQUESTS: too many high-frequency requests"),
+    ],
+)
+def test_limit_code_answers_in_v3_shape_on_either_version(sim, path, code, msg):
+    sim.limit_code = code
+    sim.uid_limit = (5, 60.0)
+    assert signed_get(sim, path).status_code == 200
+    refused = signed_get(sim, path)
+    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) > 0
+    assert json.loads(refused.text) == {"code": int(code), "msg": msg}
+    for wrong in ("-1000", -1059, 429, None):
+        with pytest.raises(ValueError):
+            sim.limit_code = wrong
+    assert sim.limit_code == code
+
+
+def test_limit_retry_after_false_leaves_the_header_out(sim):
+    sim.uid_limit = (5, 60.0)
+    assert signed_get(sim, V3_FILLS_PATH).status_code == 200
+    refused = signed_get(sim, V3_FILLS_PATH)
+    assert refused.status_code == 429 and "Retry-After" in refused.headers
+    default = body(refused)  # the gateway's body, as before the switches
+    assert set(default) == {"code", "msg", "requestTime"} and default["code"] == "429"
+
+    sim.limit_retry_after = False
+    refused = signed_get(sim, FILLS_PATH)
+    assert refused.status_code == 429 and "Retry-After" not in refused.headers
+    assert body(refused)["code"] == "429"
+
+
+def test_charge_refused_makes_a_refused_request_extend_the_wait(sim):
+    sim.uid_limit = (5, 2.5)  # one fills request per 2.5 s
+    assert signed_get(sim, V3_FILLS_PATH).status_code == 200
+    time.sleep(0.6)
+    # Not charged: refusals wait for the admitted request's charge only (1.9 s, so 2).
+    assert [signed_get(sim, V3_FILLS_PATH).headers["Retry-After"] for _ in range(2)] == ["2", "2"]
+    sim.charge_refused = True
+    assert signed_get(sim, V3_FILLS_PATH).headers["Retry-After"] == "2"  # charged, though
+    assert signed_get(sim, V3_FILLS_PATH).headers["Retry-After"] == "3"  # ...so ~2.5 s more
+
+
+def test_penalty_box_refuses_an_ip_even_within_its_limits_until_it_ends(sim):
+    sim.uid_limit = (5, 60.0)  # one fills request a minute per key
+    sim.penalty_box = (2, 10.0, 0.6)  # refused twice within 10 s: boxed for 0.6 s
+    assert signed_get(sim, V3_FILLS_PATH).status_code == 200
+    assert signed_get(sim, V3_FILLS_PATH).status_code == 429  # refusal 1
+    assert signed_get(sim, V3_FILLS_PATH, **as_account(sim, "k2")).status_code == 200
+    assert sim.penalty_boxes == 0
+    assert signed_get(sim, V3_FILLS_PATH).status_code == 429  # refusal 2: boxed from now
+    boxed_at = time.monotonic()
+    assert sim.penalty_boxes == 1
+
+    fresh = as_account(sim, "k3")  # fits every window, refused all the same
+    boxed = signed_get(sim, V3_FILLS_PATH, **fresh)
+    assert boxed.status_code == 429 and boxed.headers["Retry-After"] == "1"
+    assert body(boxed)["code"] == "429"
+    assert requests.get(sim.base_url + V3_TIME_PATH, timeout=5).status_code == 200
+    time.sleep(0.25)
+    for path in (FILLS_PATH, V3_FILLS_PATH):  # in the box: refused, and it is not extended
+        assert signed_get(sim, path, **fresh).status_code == 429
+    assert sim.penalty_boxes == 1
+
+    time.sleep(max(0.0, boxed_at + 0.65 - time.monotonic()))
+    assert signed_get(sim, V3_FILLS_PATH, **fresh).status_code == 200
+    # The refusals in the box did not count: one more refusal does not box the IP again.
+    assert signed_get(sim, V3_FILLS_PATH).status_code == 429
+    assert signed_get(sim, V3_FILLS_PATH, **as_account(sim, "k4")).status_code == 200
+    assert sim.penalty_boxes == 1
+    flags = [(r["status"], r["refused"], r["boxed"]) for r in sim.requests if r["api_key"]]
+    assert flags == [
+        (200, False, False),
+        (429, True, False),
+        (200, False, False),
+        (429, True, False),
+        *[(429, True, True)] * 3,
+        (200, False, False),
+        (429, True, False),
+        (200, False, False),
+    ]
+
+
+def test_penalty_box_can_ban_with_418_in_the_limit_code_shape(sim):
+    sim.uid_limit = (5, 60.0)
+    sim.penalty_box = (1, 10.0, 30.0)
+    sim.penalty_status = 418
+    sim.limit_code = "-1059"
+    sim.limit_retry_after = False
+    assert signed_get(sim, FILLS_PATH).status_code == 200
+    refused = signed_get(sim, FILLS_PATH)  # the rate-limit refusal itself stays a 429
+    assert refused.status_code == 429 and "Retry-After" not in refused.headers
+    fresh = as_account(sim, "k2")
+    for path in (FILLS_PATH, V3_FILLS_PATH):
+        banned = signed_get(sim, path, **fresh)
+        assert banned.status_code == 418 and "Retry-After" not in banned.headers
+        assert json.loads(banned.text) == {
+            "code": -1059,
+            "msg": "TOO_MANY_REQUESTS: too many high-frequency requests",
+        }
+    assert signed_get(sim, V3_FILLS_PATH, key="nobody").status_code == 401  # after authentication
+    assert sim.count(status=418) == 2 and sim.penalty_boxes == 1
+
+    sim.reset_stats()  # zeroes the count; the box is server state
+    assert sim.penalty_boxes == 0
+    assert signed_get(sim, V3_FILLS_PATH, **fresh).status_code == 418
+    for wrong in (403, "418", None):
+        with pytest.raises(ValueError):
+            sim.penalty_status = wrong
+
+
+def test_records_tell_limit_refusals_from_the_429_fault(sim):
+    sim.faults = {"429": 1.0}
+    assert signed_get(sim, V3_FILLS_PATH).status_code == 429
+    sim.faults = {}
+    sim.uid_limit = (5, 60.0)
+    assert signed_get(sim, V3_FILLS_PATH).status_code == 200
+    assert signed_get(sim, V3_FILLS_PATH).status_code == 429
+    fault, served, refused = sim.requests
+    assert (fault["fault"], fault["refused"], fault["boxed"]) == ("429", False, False)
+    assert (served["refused"], served["boxed"]) == (False, False)
+    assert (refused["fault"], refused["refused"], refused["boxed"]) == (None, True, False)
+    assert sim.count(status=429) == 2 and sim.count(status=429, api_key=KEY, path=V3_FILLS_PATH)
+
+
+def test_sim_server_sets_the_switches_and_counts_refusals():
+    spec = importlib.util.spec_from_file_location("sim_server", ROOT / "bench" / "sim_server.py")
+    assert spec is not None and spec.loader is not None
+    sim_server = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sim_server)
+    account = {"api_key": KEY, "secret_key": SECRET, "passphrase": PASSPHRASE}
+    settings = {"uid_limit": [5, 60], "penalty_box": [1, 10, 30], "burst_limit": [50, 1]}
+    server = sim_server.build({"symbols": [BTC], "accounts": [account], **settings})
+    assert (server.penalty_box, server.burst_limit) == ((1, 10, 30), (50, 1))
+    sim_server.answer(server, {"cmd": "set", "limit_code": "-1003", "penalty_status": 418})
+    sim_server.answer(server, {"cmd": "set", "limit_retry_after": False, "charge_refused": True})
+    assert (server.limit_code, server.penalty_status) == ("-1003", 418)
+    assert (server.limit_retry_after, server.charge_refused) == (False, True)
+    with server:
+        statuses = [signed_get(server, V3_FILLS_PATH).status_code for _ in range(3)]
+    assert statuses == [200, 429, 418]
+    stats = sim_server.answer(server, {"cmd": "stats"})
+    assert (stats["refused"], stats["penalty_boxes"], stats["status_429"]) == (2, 1, 1)
+    assert stats["fills_requests"] == 3
+
+
+def test_cli_parses_the_strictness_switches():
+    argv = ["--burst-limit", "50/1", "--limit-code", "-1059", "--no-retry-after"]
+    args = _parse_args([*argv, "--penalty-box", "6/10/60"])  # -1059 is a value, not an option
+    assert (args.burst_limit, args.limit_code) == ((50, 1.0), "-1059")
+    assert args.limit_retry_after is False and args.penalty_box == (6, 10.0, 60.0)
+    defaults = _parse_args([])
+    assert (defaults.burst_limit, defaults.limit_code, defaults.penalty_box) == (None, "429", None)
+    assert defaults.limit_retry_after is True
+
+
 def test_cli_help_tells_credentials_and_base_url():
     result = subprocess.run(
         [sys.executable, str(DEV / "weex_sim.py"), "--help"],
@@ -444,5 +630,6 @@ def test_cli_help_tells_credentials_and_base_url():
     )
     for text in ("demo-key-N", "demo-secret-N", "demo-pass-N", "base_url", "--order"):
         assert text in result.stdout
-    for option in ("--ip-limit", "--visible-delay-ms"):
+    options = ("--ip-limit", "--visible-delay-ms", "--burst-limit", "--limit-code")
+    for option in (*options, "--no-retry-after", "--penalty-box"):
         assert option in result.stdout
