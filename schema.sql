@@ -125,6 +125,20 @@ CREATE TABLE IF NOT EXISTS sync_claims (
     claimed_by text        NOT NULL      -- the pass id
 );
 
+-- Users whose credentials or access the exchange refused: not asked again before next_try
+-- (the wait doubles from one pass interval up to an hour: WEEX may disable a key that keeps
+-- sending refused requests), or at once when the credentials in the configuration change
+-- (fingerprint: a hash of api_key, secret_key and passphrase). A success deletes the row.
+CREATE TABLE IF NOT EXISTS sync_backoff (
+    user_id       text        PRIMARY KEY,
+    fingerprint   text        NOT NULL,
+    failures      integer     NOT NULL,  -- refused passes in a row
+    failed_at     timestamptz NOT NULL,
+    next_try      timestamptz NOT NULL,
+    error_kind    text        NOT NULL,  -- credentials or access
+    error_message text        NOT NULL
+);
+
 -- Upgrades from weex_sync 1.x and 2.x (no-ops on a new database).
 ALTER TABLE sync_cursor ADD COLUMN IF NOT EXISTS last_end bigint;
 ALTER TABLE sync_cursor ADD COLUMN IF NOT EXISTS reconciled_at bigint;
@@ -162,4 +176,4 @@ SELECT user_id, symbol, order_id, trade_id,
 -- ever waits for a lock that an analyst's open transaction holds.
 CREATE TABLE IF NOT EXISTS weex_sync_schema (version integer NOT NULL);
 DELETE FROM weex_sync_schema;
-INSERT INTO weex_sync_schema (version) VALUES (4);
+INSERT INTO weex_sync_schema (version) VALUES (5);

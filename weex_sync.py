@@ -150,6 +150,13 @@ class UserConfig:
     account: str = ""  # the WEEX account (UID) the key belongs to; "": its own
 
     @property
+    def fingerprint(self) -> str:
+        """Tells whether the credentials changed (sync_backoff) without telling them: 64 bits
+        of a hash over all three, which cannot be reversed without the secret key."""
+        parts = ("weex_sync credentials", self.api_key, self.secret_key, self.passphrase)
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+    @property
     def budget_key(self) -> str:
         """What the per-account budget is kept by: WEEX counts it per UID, not per API key."""
         return "account " + self.account if self.account else "key " + self.api_key
@@ -761,6 +768,17 @@ class RateLimited(ExchangeError):
     kind = "rate_limit"
 
 
+class BackingOff(ExchangeError):
+    """The user's credentials or access were refused on its last passes: not asked this pass
+    (sync_backoff). Its kind is the refusal's."""
+
+    user_wide = True
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 class ExchangeUnreachable(ExchangeError):
     """No connection to the exchange host at all; the pairs still waiting fail fast with it."""
 
@@ -972,6 +990,9 @@ V2 = Api(
         "40018": "ip",
         "40017": "parameter",
         "40034": "symbol",
+        "40007": "bug",
+        "40016": "unsecured",
+        "429": "throttled",
     },
     fields=FillFields("tradeId", "createdTime", "orderSide", "fillSize", "fillFee"),
 )
@@ -995,6 +1016,8 @@ V3 = Api(
         **dict.fromkeys(("-1140", "-1142", "-1128", "-1141"), "parameter"),
         **dict.fromkeys(("-1170", "-1171"), "range"),
         **dict.fromkeys(("-1054", "-1000"), "busy"),
+        **dict.fromkeys(("-1003", "-1059"), "throttled"),
+        **dict.fromkeys(("-1045", "-1135", "-1150", "-1160"), "bug"),
     },
     fields=FillFields("id", "time", "side", "qty", "commission"),
 )
@@ -1544,10 +1567,14 @@ class _Busy(_Transient):
 
 
 class _Throttled(_Busy):
+    """A rate-limit refusal: the limiter slows the address down and pauses it; the request
+    waits its turn again without spending a retry (see FillsClient._get)."""
+
     def give_up(self, attempts: int) -> ExchangeError:
         return RateLimited(
-            f"exchange still rate limiting after {attempts} attempts ({self}): "
-            "lower weex.rate_limit or sync.workers"
+            f"the exchange kept refusing requests as too frequent ({self}), {attempts} times "
+            "in a row over longer than a pass: weex_sync slows down by itself; if this goes on, "
+            "WEEX may have blocked this IP or key (--status shows the learned rate)"
         )
 
 
@@ -1590,34 +1617,253 @@ def sign(secret_key: str, timestamp: str, method: str, path: str, query: str, bo
     return base64.b64encode(digest).decode()
 
 
-Windows = dict[str, list[list[float]]]  # budget key -> [[bucket time, weight charged], ...]
+# Pacing and learning (see RateLimiter). Requests leave one at a time, at most twice the
+# window's average rate: a window's budget takes at least half the window to spend (the
+# exchange's burst caps), yet a pass that starts on an idle window still uses it (cron passes
+# leave a few seconds of every minute idle).
+PACE_PEAK = 2.0
+RATE_CUT = 0.7  # a refusal multiplies the address's rate by this (TCP's and the SDKs' AIMD)
+RATE_FLOOR_SHARE = 1 / 50  # the learned rate never goes below this share of the ceiling
+RECOVERY_SECONDS = 300.0  # sending at its rate unrefused, a rate gains its ceiling in this long
+PAUSE_FIRST_SECONDS = 1.0  # an address pauses this long after a refusal, doubling in a row
+PAUSE_CAP_SECONDS = 60.0
+LIMIT_MARGIN = 0.5  # seconds added to every window: jitter between our clock and the exchange's
+LEARNED_KEEP_SECONDS = 86_400.0  # a rate not lowered for this long is forgotten (the ceiling)
+
+
+class Limit(NamedTuple):
+    """One budget as a process sees it: ``budget`` weight per ``window`` seconds (the margin
+    included), requests paced at up to ``ceiling`` weight per second."""
+
+    budget: int
+    window: float
+    ceiling: float
+
+    @classmethod
+    def of(cls, weight: int, window: float) -> Limit:
+        return cls(weight, window, PACE_PEAK * weight / window)
+
+    @property
+    def floor(self) -> float:
+        return self.ceiling * RATE_FLOOR_SHARE
+
+
+@dataclass
+class Budget:
+    """One budget key's state: the weight charged in its rolling window, when the next request
+    may leave (pacing), and for an address what its refusals taught: the rate, a pause, the
+    refusals in a row. An address's lives in the budget file (every process of the machine
+    reads and writes it), an account's in the process."""
+
+    used: list[list[float]] = field(default_factory=list)  # [[bucket end, weight], ...]
+    span: float = 0.0  # the longest window of a process that charged it lately
+    span_at: float = 0.0  # when that process last charged it
+    next_at: float = 0.0  # pacing: the earliest time the next request may leave
+    rate: float | None = None  # learned, in weight per second; None: the ceiling
+    lowered_at: float = 0.0  # when a refusal last lowered it
+    paused_until: float = 0.0
+    streak: int = 0  # refusals in a row, reset by a success
+    refusals: int = 0  # every refusal this address met (a counter, never reset)
+    refused_at: float = 0.0
+
+    FIELDS: ClassVar[dict[str, str]] = {
+        "span": "span",
+        "span_at": "span_at",
+        "next": "next_at",
+        "rate": "rate",
+        "lowered": "lowered_at",
+        "pause": "paused_until",
+        "streak": "streak",
+        "refusals": "refusals",
+        "refused": "refused_at",
+    }
+
+    def pace(self, limit: Limit) -> float:
+        """The rate requests leave at: the learned one within [floor, ceiling]."""
+        rate = limit.ceiling if self.rate is None else self.rate
+        return min(max(rate, limit.floor), limit.ceiling)
+
+    def keep_for(self, now: float, window: float) -> float:
+        """How far back the entries matter: this process's window, or a longer one's while the
+        process that has it charged within it (processes of other configurations may share
+        the file)."""
+        return max(window, self.span if self.span_at + self.span > now else 0.0)
+
+    def wait(self, now: float, weight: int, limit: Limit) -> float:
+        """Seconds until ``weight`` may leave (0: now)."""
+        waits = [self.paused_until - now, self.next_at - now]
+        entries = [e for e in self.used if e[0] > now - limit.window]
+        excess = sum(w for _, w in entries) + weight - limit.budget
+        for at, w in entries:
+            if excess <= 0:
+                break
+            excess -= w
+            waits.append(at + limit.window - now)
+        return max(waits)
+
+    def charge(self, now: float, weight: int, limit: Limit, bucket: float) -> None:
+        keep = self.keep_for(now, limit.window)
+        if limit.window >= keep:
+            self.span, self.span_at = limit.window, now
+        self.used = [e for e in self.used if e[0] > now - keep]
+        end = round(math.ceil(now / bucket) * bucket, 3)
+        if self.used and self.used[-1][0] == end:
+            self.used[-1][1] += weight
+        else:
+            self.used.append([end, weight])
+        # A budget of a few requests an hour paces slower than a pause is long: its window
+        # holds it (the file never holds a time further ahead than a pause).
+        self.next_at = min(
+            max(self.next_at, now) + weight / self.pace(limit), now + PAUSE_CAP_SECONDS
+        )
+
+    def refused(self, now: float, sent_at: float, retry_after: float | None, limit: Limit) -> None:
+        """A rate-limit refusal of a request sent at ``sent_at``. Only one sent after the last
+        cut is news (those in flight before it were sent at the old rate): it cuts the rate
+        and lengthens the pause; every refusal pauses the address, for its Retry-After if it
+        gave one."""
+        self.refusals += 1
+        self.refused_at = now
+        if sent_at >= self.lowered_at:
+            self.rate = max(self.pace(limit) * RATE_CUT, limit.floor)
+            self.lowered_at = now
+            self.streak += 1
+        pause = retry_after
+        if pause is None:
+            pause = min(PAUSE_FIRST_SECONDS * 2 ** (self.streak - 1), PAUSE_CAP_SECONDS)
+        self.paused_until = max(self.paused_until, now + pause)
+
+    def succeeded(self, weight: int, paced: bool, limit: Limit) -> None:
+        """An answer that was not a refusal. A request that waited for its turn used the rate
+        to the full: the rate climbs back (additively, RECOVERY_SECONDS from nothing to the
+        ceiling); one that did not wait proves nothing about a higher rate."""
+        self.streak = 0
+        if paced and self.rate is not None:
+            rate = self.pace(limit)
+            rate += limit.ceiling / RECOVERY_SECONDS * weight / rate
+            self.rate = None if rate >= limit.ceiling else rate
+
+    def idle(self, now: float) -> bool:
+        """Nothing in it matters any more: no weight in a window, no pause, no rate learned."""
+        return (
+            not any(e[0] > now - self.span for e in self.used)
+            and self.paused_until <= now
+            and self.next_at <= now
+            and (self.rate is None or self.lowered_at < now - LEARNED_KEEP_SECONDS)
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"used": self.used}
+        for key, name in self.FIELDS.items():
+            value = getattr(self, name)
+            if value:
+                data[key] = value
+        return data
+
+    @classmethod
+    def from_json(cls, value: Any, now: float, bucket: float) -> tuple[Budget, int]:
+        """A budget from what the file holds, and how many of its entries were not valid (a
+        budget file is anyone's to write: never trusted to stall the machine, nor to switch
+        its budget off). A list is a 3.1 file's window."""
+        if isinstance(value, list):
+            value = {"used": value}
+        if not isinstance(value, dict):
+            return cls(), 1
+        budget, discarded = cls(), 0
+        budget.used, discarded = _valid_entries(value.get("used", []), now, bucket)
+        for key, item in value.items():
+            name = cls.FIELDS.get(key)
+            number = _budget_number(item)
+            limit = _BUDGET_FIELD_LIMITS.get(key, (0.0, now + PAUSE_CAP_SECONDS + bucket))
+            if key == "used":
+                continue
+            if name is None or number is None or not limit[0] <= number <= limit[1]:
+                discarded += 1
+            elif key in ("streak", "refusals"):
+                setattr(budget, name, int(number))
+            else:
+                setattr(budget, name, number)
+        return budget, discarded
+
+
+# What a budget file's numbers may be; the times (the default) at most a pause ahead, so a
+# file written by a clock that was ahead cannot stall the next pass.
+_BUDGET_FIELD_LIMITS = {
+    "span": (0.0, 3600.5),
+    "rate": (1e-6, 1e9),
+    "streak": (0, 1000),
+    "refusals": (0, 1e15),
+}
+
+
+def _valid_entries(entries: Any, now: float, bucket: float) -> tuple[list[list[float]], int]:
+    """[time, weight] pairs of finite numbers, the time at most two buckets ahead and within
+    the longest window a configuration may have, the weight positive and at most the largest
+    budget; and how many others there were (expired ones are not counted)."""
+    if not isinstance(entries, list):
+        return [], 1
+    kept, discarded = [], 0
+    for entry in entries:
+        at, weight = (
+            (_budget_number(entry[0]), _budget_number(entry[1]))
+            if isinstance(entry, list) and len(entry) == 2
+            else (None, None)
+        )
+        if (
+            at is None
+            or weight is None
+            or at > now + 2 * bucket
+            or not 0 < weight <= MAX_BUDGET_WEIGHT
+        ):
+            discarded += 1
+        elif at > now - MAX_BUDGET_WINDOW:
+            kept.append([at, weight])
+    return sorted(kept), discarded
+
+
+class Ticket(NamedTuple):
+    """A request the limiter let go: what its answer teaches goes back with it."""
+
+    sent_at: float
+    weight: int
+    paced: bool  # it waited for its turn: the rate was the limit
 
 
 class RateLimiter:
-    """The exchange's rolling-window budgets: weight per IP and weight per API key.
+    """The exchange's budgets: weight per IP (the machine's address) and per account (UID).
 
-    The IP budget is kept by every weex_sync process of this machine in one small JSON file
-    under flock, so passes that overlap (cron, --loop, a --since repair) share it, and a pass
-    that starts right after another knows what that one spent. The per-key budgets stay in the
-    process: an account is synced by one pass at a time (its advisory lock), and keeping a
-    thousand accounts' windows in the file made every request parse them (half of an idle
-    fleet pass's CPU, measured). Rolling windows, not token buckets: a bucket of the same rate
-    lets up to twice the budget through in one window (a full bucket plus its refill) and earns
-    429s. ``margin`` pads the window for jitter between our clock and the exchange's. Requests
-    are recorded in buckets of BUCKET seconds, which keeps the file to a few hundred entries and
-    errs on the safe side (a bucket expires at its end)."""
+    Each is a rolling window (exact: a token bucket of the same rate lets up to twice the
+    budget through in one window) with pacing on top: requests leave one at a time, at most at
+    ``PACE_PEAK`` times the window's average rate, never a window's budget in its first second
+    (public clients report burst caps the docs do not list). The address's rate is learned:
+    a rate-limit refusal cuts it (RATE_CUT) and pauses the whole address (its Retry-After, or
+    PAUSE_FIRST_SECONDS doubling for refusals in a row, up to PAUSE_CAP_SECONDS), requests that
+    waited their turn and were answered raise it back slowly, up to the ceiling: the AIMD of
+    TCP and of the cloud SDKs' adaptive retries. Other workers never answer a refusal with
+    requests at the old rate.
+
+    The address's budget is kept by every weex_sync process of this machine in one small JSON
+    file under flock, so overlapping passes share the window, the pace and what was learned,
+    and the next cron pass starts where the last one left off. The per-account budgets stay
+    in the process: an account is synced by one pass at a time (its claim and lock), and
+    keeping a thousand accounts' windows in the file made every request parse them. ``margin``
+    pads the window for jitter between our clock and the exchange's. Requests are recorded in
+    buckets of BUCKET seconds, which keeps the file small and errs on the safe side (a bucket
+    expires at its end)."""
 
     BUCKET = 0.25
 
-    def __init__(
-        self, cfg: RateLimitConfig, host: str, source: str | None = None, margin: float = 0.5
-    ) -> None:
+    def __init__(self, cfg: RateLimitConfig, ip_key: str, margin: float = LIMIT_MARGIN) -> None:
         self.cfg = cfg
-        self.window = cfg.window_seconds + margin
-        self.ip_key = f"ip {host}" + (f" from {source}" if source else "")  # a budget per IP
+        window = cfg.window_seconds + margin
+        self.ip = Limit.of(cfg.ip_weight, window)
+        self.uid = Limit.of(cfg.uid_weight, window)
+        self.ip_key = ip_key  # a budget per address (make_limiter_key)
+        self.refusals = 0  # this process's, since the last take_refusals()
         self._lock = threading.Lock()
-        self._key_windows: Windows = {}  # per API key, this process only
-        self._ip_windows: Windows = {}  # the IP budget when there is no shared file
+        self._accounts: dict[str, Budget] = {}  # per account, this process only
+        self._own: dict[str, Budget] = {}  # the address's when there is no shared file
+        self._successes: list[Ticket] = []  # applied with the next request's file update
         self._warned = False
         self._fd = self._reopen() if cfg.shared_file else None
 
@@ -1642,28 +1888,55 @@ class RateLimiter:
             return True
         return (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino)
 
-    def acquire(self, account: str | None, weight: int, stop: Stop | None) -> None:
-        """Wait until ``weight`` fits in the IP window and the ``account``'s (None: a public
-        request, the IP's only), then charge it. Interrupted on a stop."""
+    def acquire(self, account: str | None, weight: int, stop: Stop | None) -> Ticket:
+        """Wait until ``weight`` may leave by the address's budget and the ``account``'s (None:
+        a public request, the address's only), then charge it. Interrupted on a stop."""
         uid_key = "uid " + hashlib.sha256((account or "").encode()).hexdigest()[:16]
+        paced = False
         while True:
-            with self._lock, self._machine_windows(stop) as machine:
+            with self._lock, self._machine_state(stop) as machine:
                 now = time.time()
-                budgets = [(machine, self.ip_key, self.cfg.ip_weight)]
+                budgets = [(machine.setdefault(self.ip_key, Budget()), self.ip)]
                 if account is not None:
-                    budgets.append((self._key_windows, uid_key, self.cfg.uid_weight))
-                wait = self._admit(now, budgets, weight)
-                # Entries are forgotten past the longest window a configuration allows, not
-                # this one's: processes of other configurations may share the file.
-                _forget_idle(machine, now - MAX_BUDGET_WINDOW)
-                if len(self._key_windows) > 64:  # a fleet has thousands of keys
-                    _forget_idle(self._key_windows, now - self.window)
-            if wait is None:
-                return
+                    budgets.append((self._accounts.setdefault(uid_key, Budget()), self.uid))
+                wait = max(budget.wait(now, weight, limit) for budget, limit in budgets)
+                if wait <= 0:
+                    for budget, limit in budgets:
+                        budget.charge(now, weight, limit, self.BUCKET)
+                if len(self._accounts) > 64:  # a fleet has thousands of accounts
+                    _forget_idle(self._accounts, now)
+            if wait <= 0:
+                return Ticket(now, weight, paced)
+            paced = True
             if stop is None:
                 time.sleep(wait)
             elif stop.wait(wait):
                 raise Interrupted()
+
+    def succeeded(self, ticket: Ticket) -> None:
+        """The request was answered (not refused): applied with the next request."""
+        with self._lock:
+            self._successes.append(ticket)
+
+    def refused(self, ticket: Ticket, retry_after: float | None, stop: Stop | None) -> None:
+        """The exchange refused the request for its rate: the address slows down and pauses,
+        for every process of the machine at once."""
+        with self._lock, self._machine_state(stop) as machine:
+            self.refusals += 1
+            budget = machine.setdefault(self.ip_key, Budget())
+            budget.refused(time.time(), ticket.sent_at, retry_after, self.ip)
+            log.debug(
+                "rate limited: %s now %.1f weight/s, paused %.1fs",
+                self.ip_key,
+                budget.pace(self.ip),
+                max(0.0, budget.paused_until - time.time()),
+            )
+
+    def take_refusals(self) -> int:
+        """This process's refusals since the last call (a pass's, for its summary)."""
+        with self._lock:
+            count, self.refusals = self.refusals, 0
+            return count
 
     LOCK_WAIT_SECONDS = 10.0
 
@@ -1690,69 +1963,57 @@ class RateLimiter:
                     return False
                 time.sleep(0.005)
 
-    def _admit(
-        self, now: float, budgets: Iterable[tuple[Windows, str, int]], weight: int
-    ) -> float | None:
-        """None if admitted (and charged), else the seconds until it may fit."""
-        waits = []
-        for windows, key, budget in budgets:
-            entries = [e for e in windows.get(key, ()) if e[0] > now - self.window]
-            excess = sum(w for _, w in entries) + weight - budget
-            for at, w in entries:
-                if excess <= 0:
-                    break
-                excess -= w
-                waits.append(at + self.window - now)
-        if waits:
-            return max(max(waits), 0.001)
-        bucket = round(math.ceil(now / self.BUCKET) * self.BUCKET, 3)
-        for windows, key, _ in budgets:
-            entries = windows.setdefault(key, [])
-            if entries and entries[-1][0] == bucket:
-                entries[-1][1] += weight
-            else:
-                entries.append([bucket, weight])
-        return None
-
     @contextlib.contextmanager
-    def _machine_windows(self, stop: Stop | None) -> Iterator[Windows]:
-        """The IP windows of the machine: from the shared file (locked meanwhile; reopened if
-        it was replaced or removed since, so no two processes keep apart inodes), or this
-        process's own when there is no file."""
-        if self._fd is None:
-            yield self._ip_windows
-            return
-        if not self._lock_file(self._fd, stop):
-            yield self._ip_windows
+    def _machine_state(self, stop: Stop | None) -> Iterator[dict[str, Budget]]:
+        """The addresses' budgets of the machine, with this process's successes applied: from
+        the shared file (locked meanwhile; reopened if it was replaced or removed since, so no
+        two processes keep apart inodes), or this process's own when there is no file."""
+        if self._fd is None or not self._lock_file(self._fd, stop):
+            yield self._with_successes(self._own)
             return
         if self._replaced():
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = self._reopen()
             if self._fd is None or not self._lock_file(self._fd, stop):
-                yield self._ip_windows
+                yield self._with_successes(self._own)
                 return
         try:
-            text = os.pread(self._fd, BUDGET_FILE_LIMIT + 1, 0)
-            try:
-                state = json.loads(text) if text and len(text) <= BUDGET_FILE_LIMIT else {}
-            except (ValueError, RecursionError):  # torn by a kill mid-write: start afresh
-                state = {}
-            windows, discarded = valid_windows(state, time.time(), self.BUCKET)
-            if discarded and not self._warned:
-                self._warned = True
-                log.warning(
-                    "the shared rate budget file %s held %d entries that are not requests "
-                    "(written by another program, or by a clock that was ahead); discarded",
-                    self.cfg.shared_file,
-                    discarded,
-                )
-            yield windows
-            data = json.dumps(windows, separators=(",", ":")).encode()
+            budgets = self._read_file(self._fd)
+            yield self._with_successes(budgets)
+            now = time.time()
+            _forget_idle(budgets, now)
+            state = {key: budget.to_json() for key, budget in budgets.items()}
+            data = json.dumps(state, separators=(",", ":")).encode()
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, data, 0)
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _read_file(self, fd: int) -> dict[str, Budget]:
+        text = os.pread(fd, BUDGET_FILE_LIMIT + 1, 0)
+        try:
+            state = json.loads(text) if text and len(text) <= BUDGET_FILE_LIMIT else {}
+        except (ValueError, RecursionError):  # torn by a kill mid-write: start afresh
+            state = {}
+        budgets, discarded = read_budgets(state, time.time(), self.BUCKET)
+        if discarded and not self._warned:
+            self._warned = True
+            log.warning(
+                "the shared rate budget file %s held %d entries that are not requests "
+                "(written by another program, or by a clock that was ahead); discarded",
+                self.cfg.shared_file,
+                discarded,
+            )
+        return budgets
+
+    def _with_successes(self, machine: dict[str, Budget]) -> dict[str, Budget]:
+        if self._successes:
+            budget = machine.setdefault(self.ip_key, Budget())
+            for ticket in self._successes:
+                budget.succeeded(ticket.weight, ticket.paced, self.ip)
+            self._successes.clear()
+        return machine
 
 
 BUDGET_FILE_LIMIT = 1 << 20  # bytes; a budget file holds a few hundred entries
@@ -1823,44 +2084,54 @@ def _budget_number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def valid_windows(state: Any, now: float, bucket: float) -> tuple[Windows, int]:
-    """The entries of a budget file that are requests: [time, weight] pairs of finite numbers,
-    the time at most one bucket ahead (a file left by a clock that was ahead must not stall the
-    next pass) and within the longest window any configuration may use (other configurations
-    may share the file), the weight positive and at most the largest budget; and how many
-    others there were (expired entries are not counted)."""
-    windows: Windows = {}
-    discarded = 0
+def read_budgets(state: Any, now: float, bucket: float) -> tuple[dict[str, Budget], int]:
+    """The budgets of a budget file, and how many of its entries were not valid."""
+    budgets: dict[str, Budget] = {}
     if not isinstance(state, dict):
-        return windows, 1
-    for key, entries in state.items():
-        if not isinstance(key, str) or len(key) > 200 or not isinstance(entries, list):
+        return budgets, 1
+    discarded = 0
+    for key, value in state.items():
+        if not isinstance(key, str) or len(key) > 200:
             discarded += 1
             continue
-        kept = []
-        for entry in entries:
-            at, weight = (
-                (_budget_number(entry[0]), _budget_number(entry[1]))
-                if isinstance(entry, list) and len(entry) == 2
-                else (None, None)
+        budgets[key], bad = Budget.from_json(value, now, bucket)
+        discarded += bad
+    return budgets, discarded
+
+
+def address_budget(cfg: WeexConfig) -> tuple[str, Limit, Budget]:
+    """The budget of this configuration's address as the budget file holds it, read without
+    creating or locking anything (--status); an unreadable file reads as nothing learned."""
+    limiter_key = make_limiter_key(cfg)
+    limit = Limit.of(cfg.rate_limit.ip_weight, cfg.rate_limit.window_seconds + LIMIT_MARGIN)
+    budget = Budget()
+    path = cfg.rate_limit.shared_file
+    if path:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return limiter_key, limit, budget
+        try:
+            text = os.read(fd, BUDGET_FILE_LIMIT + 1)
+            state = json.loads(text) if len(text) <= BUDGET_FILE_LIMIT else {}
+            budget = read_budgets(state, time.time(), RateLimiter.BUCKET)[0].get(
+                limiter_key, budget
             )
-            if (
-                at is None
-                or weight is None
-                or at > now + 2 * bucket
-                or not 0 < weight <= MAX_BUDGET_WEIGHT
-            ):
-                discarded += 1
-            elif at > now - MAX_BUDGET_WINDOW:
-                kept.append([at, weight])
-        if kept:
-            windows[key] = sorted(kept)
-    return windows, discarded
+        except (OSError, ValueError, RecursionError):
+            pass
+        finally:
+            os.close(fd)
+    return limiter_key, limit, budget
+
+
+def make_limiter_key(cfg: WeexConfig) -> str:
+    """What the address's budget is kept by: the exchange's host, and the source address."""
+    source = cfg.source_addresses[0] if cfg.source_addresses else None
+    return f"ip {urlsplit(cfg.base_url).netloc}" + (f" from {source}" if source else "")
 
 
 def make_limiter(cfg: WeexConfig) -> RateLimiter:
-    source = cfg.source_addresses[0] if cfg.source_addresses else None
-    return RateLimiter(cfg.rate_limit, urlsplit(cfg.base_url).netloc, source)
+    return RateLimiter(cfg.rate_limit, make_limiter_key(cfg))
 
 
 @contextlib.contextmanager
@@ -1899,10 +2170,10 @@ def taking_source_address(cfg: WeexConfig) -> Iterator[WeexConfig]:
             os.close(held[0])
 
 
-def _forget_idle(windows: Windows, before: float) -> None:
-    """Drop the windows whose requests all lie before ``before``."""
-    for key in [k for k, entries in windows.items() if not entries or entries[-1][0] <= before]:
-        del windows[key]
+def _forget_idle(budgets: dict[str, Budget], now: float) -> None:
+    """Drop the budgets nothing in which matters any more."""
+    for key in [k for k, budget in budgets.items() if budget.idle(now)]:
+        del budgets[key]
 
 
 def make_session(cfg: WeexConfig, pool_size: int = 4) -> requests.Session:
@@ -2178,6 +2449,20 @@ REJECTIONS: dict[str, tuple[type[SyncError], str]] = {
             "report it; not retried"
         ),
     ),
+    "bug": (
+        ExchangeError,
+        (
+            "the exchange refused the form of the request ({}): a bug in weex_sync or a proxy "
+            "rewriting requests, please report it; not retried"
+        ),
+    ),
+    "unsecured": (
+        AccessDenied,
+        (
+            "the WEEX account must bind a phone or an authenticator before its API keys work "
+            "({}): do it in the account's security settings; not retried"
+        ),
+    ),
 }
 STATUS_KINDS = {400: "parameter", 401: "credentials", 403: "permission"}
 
@@ -2211,8 +2496,8 @@ def classify_response(
         raise error(meaning.format(detail))
     if status == 521:
         raise _OriginDown(detail, _retry_after(retry_after))
-    if status == 429:
-        raise _Throttled(f"exchange busy ({detail})", _retry_after(retry_after))
+    if kind == "throttled" or status in (418, 429):
+        raise _Throttled(f"rate limited ({detail})", _retry_after(retry_after))
     if kind == "busy" or status >= 500:
         raise _Busy(f"exchange busy ({detail})", _retry_after(retry_after))
     if status != 200:
@@ -2253,8 +2538,10 @@ class FillsClient:
         limiter: RateLimiter,
         stop: Stop,
         host: HostWatch | None = None,
+        patience: float = 60.0,
     ) -> None:
         self.cfg = cfg
+        self.patience = patience  # how long rate-limit refusals may go on before giving up
         self.api = APIS[cfg.api_version]
         self.host = host or HostWatch()
         self.user = user
@@ -2302,11 +2589,20 @@ class FillsClient:
         return self._get(self.api.fills_path, query, parse)
 
     def _get(self, path: str, query: str, parse: Callable[[Any], T]) -> T:
+        """The answer, after at most ``max_retries`` retries of faults, and rate-limit
+        refusals waited out for up to ``patience`` seconds (the limiter paces and pauses the
+        next attempt: refusals spend no retries, and are never answered at once)."""
         clock_resynced = False
-        failures = 0
+        failures = refusals = 0
+        refused_since: float | None = None
         while True:
             try:
                 return self._attempt(path, query, parse)
+            except _Throttled as exc:
+                refusals += 1
+                refused_since = refused_since or time.monotonic()
+                if time.monotonic() - refused_since > self.patience:
+                    raise exc.give_up(refusals) from None
             except _ClockRejected as exc:
                 if clock_resynced:
                     raise ExchangeError(
@@ -2339,7 +2635,7 @@ class FillsClient:
                     raise Interrupted() from None
 
     def _attempt(self, path: str, query: str, parse: Callable[[Any], T]) -> T:
-        self.limiter.acquire(self.user.budget_key, FILLS_WEIGHT, self.stop)
+        ticket = self.limiter.acquire(self.user.budget_key, FILLS_WEIGHT, self.stop)
         timestamp = str(self.clock.now_ms())
         headers = {
             "ACCESS-KEY": self.user.api_key,
@@ -2356,7 +2652,17 @@ class FillsClient:
             self.requests_made += exc.sent
             raise
         self.requests_made += 1
-        body = classify_response(self.api, status, content, retry_after, self._scrub)
+        refused: _Throttled | None = None
+        try:
+            body = classify_response(self.api, status, content, retry_after, self._scrub)
+        except _Throttled as exc:
+            refused = exc
+            raise
+        finally:
+            if refused is None:
+                self.limiter.succeeded(ticket)
+            else:
+                self.limiter.refused(ticket, refused.retry_after, self.stop)
         try:
             return parse(body)
         except MalformedAnswer as exc:
@@ -2858,7 +3164,7 @@ def signals_interrupt() -> Iterator[None]:
 # 8. Storage: schema and partitions, locks, claims, the cursor, batches of fills, status rows
 # =============================================================================================
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # The fills table, unpartitioned or (database.partition_fills: monthly) by month of trade_time.
 FILLS_TABLE_SQL = """\
 CREATE TABLE IF NOT EXISTS trade_fills (
@@ -3034,6 +3340,20 @@ CREATE TABLE IF NOT EXISTS sync_claims (
     claimed_by text        NOT NULL      -- the pass id
 );
 
+-- Users whose credentials or access the exchange refused: not asked again before next_try
+-- (the wait doubles from one pass interval up to an hour: WEEX may disable a key that keeps
+-- sending refused requests), or at once when the credentials in the configuration change
+-- (fingerprint: a hash of api_key, secret_key and passphrase). A success deletes the row.
+CREATE TABLE IF NOT EXISTS sync_backoff (
+    user_id       text        PRIMARY KEY,
+    fingerprint   text        NOT NULL,
+    failures      integer     NOT NULL,  -- refused passes in a row
+    failed_at     timestamptz NOT NULL,
+    next_try      timestamptz NOT NULL,
+    error_kind    text        NOT NULL,  -- credentials or access
+    error_message text        NOT NULL
+);
+
 -- Upgrades from weex_sync 1.x and 2.x (no-ops on a new database).
 ALTER TABLE sync_cursor ADD COLUMN IF NOT EXISTS last_end bigint;
 ALTER TABLE sync_cursor ADD COLUMN IF NOT EXISTS reconciled_at bigint;
@@ -3141,6 +3461,17 @@ UPDATE sync_claims SET claimed_at = now() WHERE claim_key = %s AND claimed_by = 
 RELEASE_CLAIMS_SQL = """
 UPDATE sync_claims SET claimed_at = '-infinity'
  WHERE claim_key = ANY(%(keys)s) AND claimed_by = %(by)s
+"""
+BACKOFF_SQL = """
+INSERT INTO sync_backoff (user_id, fingerprint, failures, failed_at, next_try, error_kind,
+                          error_message)
+VALUES (%(user)s, %(fingerprint)s, %(failures)s, now(), now() + make_interval(secs => %(wait)s),
+        %(kind)s, %(error)s)
+ON CONFLICT (user_id) DO UPDATE
+   SET fingerprint = EXCLUDED.fingerprint, failures = EXCLUDED.failures,
+       failed_at = EXCLUDED.failed_at, next_try = EXCLUDED.next_try,
+       error_kind = EXCLUDED.error_kind, error_message = EXCLUDED.error_message
+RETURNING next_try
 """
 SAVE_CURSOR_SQL = """
 INSERT INTO sync_cursor (user_id, symbol, synced_through, walk_end, walk_target, last_end,
@@ -3854,6 +4185,26 @@ class Store:
         with self.transaction() as cur:
             cur.execute(RELEASE_CLAIMS_SQL, {"keys": keys, "by": pass_id})
 
+    def back_off(
+        self, user: UserConfig, failures: int, wait: float, cause: SyncError
+    ) -> dt.datetime:
+        """Record the user's ``failures``-th refused pass in a row; when it is next tried."""
+        params = {
+            "user": user.user_id,
+            "fingerprint": user.fingerprint,
+            "failures": failures,
+            "wait": wait,
+            "kind": cause.kind,
+            "error": str(cause),
+        }
+        with self.transaction() as cur:
+            cur.execute(BACKOFF_SQL, params)
+            return one_row(cur)[0]
+
+    def end_backoff(self, user_id: str) -> None:
+        with self.transaction() as cur:
+            cur.execute("DELETE FROM sync_backoff WHERE user_id = %s", (user_id,))
+
     def save_batch(
         self,
         user_id: str,
@@ -3973,6 +4324,9 @@ class Store:
 # =============================================================================================
 
 STOP_GRACE_SECONDS = 5.0  # after a stop request, requests in flight get this long to finish
+# Rate-limit refusals a request waits out before its pair fails: a pass's interval (the next
+# pass would meet the same refusals), at least this long.
+THROTTLE_PATIENCE_SECONDS = 60.0
 REJECTED_LOG_LIMIT = 5  # rejected fills logged one by one per pair and pass (all are stored)
 ERROR_LIMIT = 500  # characters of an error message kept in sync_status and the log
 
@@ -3989,6 +4343,7 @@ class PassOptions:
     lock_wait: float = 60.0
     max_seconds: float = 0.0
     min_interval: int = 0  # claim a user only if no pass claimed it this recently (0: no claims)
+    interval: int = 60  # seconds between passes (cron's, or --loop's)
 
     @property
     def repair(self) -> bool:
@@ -4208,7 +4563,10 @@ def sync_pair(
     outcome = Outcome(user.user_id, scope)
     started = time.monotonic()
     stop = Stop(ctx.stop)
-    client = FillsClient(ctx.cfg.weex, user, worker.session, ctx.clock, ctx.limiter, stop, ctx.host)
+    patience = max(THROTTLE_PATIENCE_SECONDS, ctx.cfg.sync.interval_seconds)
+    client = FillsClient(
+        ctx.cfg.weex, user, worker.session, ctx.clock, ctx.limiter, stop, ctx.host, patience
+    )
     with contextlib.ExitStack() as held:
         try:
             if held.enter_context(pair_lock(worker.store, outcome, ctx)):
@@ -4349,6 +4707,39 @@ def claim_key(user: UserConfig) -> str:
     return f"account {user.account}" if user.account else f"user {user.user_id}"
 
 
+class Backoff(NamedTuple):
+    """A sync_backoff row: a user whose credentials or access the exchange refused."""
+
+    fingerprint: str
+    failures: int
+    next_try: dt.datetime
+    error_kind: str
+    error: str
+
+
+BACKOFF_KINDS = frozenset({"credentials", "access"})  # refusals WEEX may punish if repeated
+BACKOFF_CAP_SECONDS = 3600
+
+
+def backoff_wait(failures: int, interval: int) -> float:
+    """How long after its ``failures``-th refused pass in a row a user is left alone: none (the
+    next pass tries), then 1, 3, 7 ... intervals (every other pass, every fourth ...), at most
+    an hour. Half an interval early, so the pass that is due is not missed by a second."""
+    return min(interval * (2 ** (failures - 1) - 0.5), BACKOFF_CAP_SECONDS)
+
+
+def load_backoffs(conn: Conn) -> dict[str, Backoff]:
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT user_id, fingerprint, failures, next_try, error_kind, error_message"
+                " FROM sync_backoff"
+            )
+            return {row[0]: Backoff(*row[1:]) for row in cur.fetchall()}
+    except psycopg2.Error as exc:
+        raise StorageError(f"database error: {describe_db_error(exc)}") from None
+
+
 def stalest_first(conn: Conn, users: list[UserConfig]) -> tuple[list[UserConfig], dt.datetime]:
     """Users synced (or claimed) least recently first (never: before all), so a pass cut short
     by --max-seconds leaves the freshest for the next one, and passes of several machines meet
@@ -4430,7 +4821,9 @@ def log_pass_start(ctx: PassContext, users: list[UserConfig]) -> None:
 CLOCK_WARN_MS = 60_000  # an exchange clock this far from this machine's is worth a WARNING
 
 
-def log_pass_summary(ctx: PassContext, outcomes: list[Outcome], seconds: float) -> None:
+def log_pass_summary(
+    ctx: PassContext, outcomes: list[Outcome], seconds: float, refusals: int
+) -> None:
     offset = ctx.clock.offset_ms
     if abs(offset) >= CLOCK_WARN_MS:
         log.warning(
@@ -4457,7 +4850,7 @@ def log_pass_summary(ctx: PassContext, outcomes: list[Outcome], seconds: float) 
     log.log(
         logging.ERROR if counts["error"] else logging.INFO,
         "pass %s finished in %.1fs: %d ok, %d failed, %d skipped, %d interrupted%s; "
-        "fetched=%d %s=%d late=%d requests=%d%s",
+        "fetched=%d %s=%d late=%d requests=%d refused=%d%s",
         ctx.pass_id,
         seconds,
         counts["success"],
@@ -4470,6 +4863,7 @@ def log_pass_summary(ctx: PassContext, outcomes: list[Outcome], seconds: float) 
         totals["inserted"],
         totals["late"],
         totals["requests"],
+        refusals,
         " (dry run: nothing written)" if ctx.options.dry_run else "",
         extra={
             "event": "pass_done",
@@ -4477,6 +4871,7 @@ def log_pass_summary(ctx: PassContext, outcomes: list[Outcome], seconds: float) 
             "duration_ms": int(seconds * 1000),
             **{f"{k}_count": v for k, v in counts.items()},
             **totals,
+            "refused": refusals,
         },
     )
 
@@ -4496,6 +4891,9 @@ class SyncPass:
             time.monotonic() + ctx.options.max_seconds if ctx.options.max_seconds else None
         )
         self.claims: Claims | None = None
+        self.started = dt.datetime.now(dt.UTC)  # the database's time at the pass's start
+        self.backoffs: dict[str, Backoff] = {}
+        self.refusals = 0  # rate-limit refusals the pass met
         self.unreachable: ExchangeUnreachable | None = None  # from a pair's outcome
         self._local = threading.local()
         self._workers: list[Worker] = []
@@ -4509,6 +4907,8 @@ class SyncPass:
                 self.cfg.weex, APIS[self.cfg.weex.api_version], self.ctx.limiter, self.ctx.stop
             )
         users, db_started = stalest_first(conn, users)
+        self.started = db_started
+        self.backoffs = load_backoffs(conn)
         self.claims = Claims(self.ctx, users, db_started) if self.ctx.options.claims else None
         log_pass_start(self.ctx, users)
         try:
@@ -4519,7 +4919,8 @@ class SyncPass:
         finally:
             for worker in self._workers:
                 worker.close()
-        log_pass_summary(self.ctx, outcomes, time.monotonic() - started)
+        self.refusals = self.ctx.limiter.take_refusals()
+        log_pass_summary(self.ctx, outcomes, time.monotonic() - started, self.refusals)
         return outcomes
 
     def _run_pool(self, users: list[UserConfig]) -> list[Outcome]:
@@ -4564,6 +4965,7 @@ class SyncPass:
             if not held:  # another pass synced it within min_interval, or is at it
                 fresh = PairStatus.FRESH
                 return [Outcome(user.user_id, scope, status=fresh) for scope in user.symbols]
+        user_error = user_error or self._backing_off(user)
         for scope in user.symbols:
             if self.ctx.stop.is_set():
                 break
@@ -4583,7 +4985,63 @@ class SyncPass:
                 continue
             self._report(outcome)
             outcomes.append(outcome)
+        self._note_refusals(user, outcomes)
         return outcomes
+
+    def _backing_off(self, user: UserConfig) -> BackingOff | None:
+        """The user's refusal, if it is not to be asked this pass: a normal pass leaves it
+        alone until its next try; a re-scan or a dry run (asked for by hand) and new
+        credentials try at once."""
+        backoff = self.backoffs.get(user.user_id)
+        if (
+            backoff is None
+            or backoff.fingerprint != user.fingerprint
+            or backoff.next_try <= self.started
+            or self.ctx.options.repair
+            or self.ctx.options.dry_run
+        ):
+            return None
+        return BackingOff(
+            f"not asked this pass: {backoff.error} ({plural(backoff.failures, 'pass')} in a "
+            f"row); next try after {backoff.next_try.astimezone(dt.UTC):%Y-%m-%d %H:%M:%S} UTC, "
+            "or at once when this user's credentials in the configuration change",
+            backoff.error_kind,
+        )
+
+    def _note_refusals(self, user: UserConfig, outcomes: list[Outcome]) -> None:
+        """Start or lengthen the user's backoff after a refusal of its credentials or access;
+        end it after a success."""
+        if self.ctx.options.dry_run:
+            return
+        backoff = self.backoffs.get(user.user_id)
+        refusal = next(
+            (
+                o.cause
+                for o in outcomes
+                if o.cause is not None
+                and o.cause.kind in BACKOFF_KINDS
+                and not isinstance(o.cause, BackingOff)
+            ),
+            None,
+        )
+        try:
+            if refusal is not None:
+                same = backoff is not None and backoff.fingerprint == user.fingerprint
+                failures = (backoff.failures if backoff and same else 0) + 1
+                wait = backoff_wait(failures, self.ctx.options.interval)
+                next_try = self._worker().store.back_off(user, failures, wait, refusal)
+                log.warning(
+                    "%s: refused %s in a row; not asked again before %s UTC, or at once when "
+                    "its credentials in the configuration change",
+                    user.user_id,
+                    plural(failures, "pass"),
+                    next_try.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S"),
+                    extra={"event": "backoff", "user": user.user_id, "failures": failures},
+                )
+            elif backoff is not None and any(o.status == PairStatus.SUCCESS for o in outcomes):
+                self._worker().store.end_backoff(user.user_id)
+        except SyncError as exc:
+            log.error("%s: cannot record the refusal's backoff: %s", user.user_id, exc)
 
     def _past_deadline(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
@@ -4726,8 +5184,11 @@ def print_status(cfg: Config, users: list[UserConfig], as_json: bool, max_age: i
         else {}
     )
     code = EXIT_SYNC_FAILED if any(verdicts.values()) else EXIT_OK
+    rate = rate_limit_state(cfg)
     if as_json:
-        print(json.dumps([_status_json(r, verdicts) for r in rows], indent=2))
+        print(
+            json.dumps([_status_json(r, verdicts) | {"rate_limit": rate} for r in rows], indent=2)
+        )
     elif max_age is not None:
         problems = [v for v in verdicts.values() if v]
         problems.sort(key=lambda v: not v.startswith("FAILING"))  # those first
@@ -4737,7 +5198,33 @@ def print_status(cfg: Config, users: list[UserConfig], as_json: bool, max_age: i
             print(f"OK: all {plural(len(rows), 'pair')} synced through less than {max_age} s ago")
     else:
         print(_status_table(rows))
+        if rate["learned"] or rate["refusals"]:
+            print(
+                f"rate limit: {rate['address']} paces at {rate['weight_per_second']:g} of "
+                f"{rate['ceiling']:g} weight/s (lowered {rate['lowered_at']} by a refusal; "
+                f"{plural(rate['refusals'], 'refusal')} so far, the last {rate['last_refusal']})"
+            )
     return code
+
+
+def rate_limit_state(cfg: Config) -> dict[str, Any]:
+    """What this machine's passes learned of the exchange's limit for this address."""
+    key, limit, budget = address_budget(cfg.weex)
+    now = time.time()
+
+    def utc(epoch: float) -> str | None:
+        return _utc(dt.datetime.fromtimestamp(epoch, dt.UTC)) if epoch else None
+
+    return {
+        "address": key,
+        "weight_per_second": round(budget.pace(limit), 3),
+        "ceiling": round(limit.ceiling, 3),
+        "learned": budget.rate is not None,
+        "lowered_at": utc(budget.lowered_at),
+        "paused_until": utc(budget.paused_until) if budget.paused_until > now else None,
+        "refusals": budget.refusals,
+        "last_refusal": utc(budget.refused_at),
+    }
 
 
 def _status_json(row: dict, verdicts: dict) -> dict:
@@ -4813,7 +5300,14 @@ class CheckRun:
         exchange that does not answer, every user's."""
         session = make_session(self.cfg.weex, pool_size=1)
         client = FillsClient(
-            self.cfg.weex, user, session, self.clock, self.limiter, Stop(self.stop), self.host
+            self.cfg.weex,
+            user,
+            session,
+            self.clock,
+            self.limiter,
+            Stop(self.stop),
+            self.host,
+            patience=self.cfg.weex.timeout_seconds,
         )
         results: list[tuple[str, SyncError | None]] = []
         failed: SyncError | None = None
@@ -4940,6 +5434,22 @@ class Metrics:
             "gauge",
             "The exchange's clock minus this machine's, as the latest pass measured it.",
         ),
+        "weex_sync_rate_limit_refusals_total": (
+            "counter",
+            "Requests the exchange refused as too frequent (HTTP 429/418, -1003, -1059).",
+        ),
+        "weex_sync_rate_limit_pass_refusals": (
+            "gauge",
+            "Rate-limit refusals of the latest pass.",
+        ),
+        "weex_sync_rate_limit_weight_per_second": (
+            "gauge",
+            "The rate requests leave this address at: learned from refusals, at most the ceiling.",
+        ),
+        "weex_sync_rate_limit_ceiling_weight_per_second": (
+            "gauge",
+            "The most the address paces at (twice weex.rate_limit's average rate).",
+        ),
     }
     LINE_RE = re.compile(r"(weex_sync_\w+_total)(\{[^}\n]*\})? ([0-9.eE+-]+)")
 
@@ -4955,6 +5465,7 @@ class Metrics:
         seconds: float,
         clock_offset_ms: int = 0,
         conn: Conn | None = None,
+        refusals: int = 0,
     ) -> None:
         """The metrics of a pass; the pairs' gauges are read through ``conn`` (None: the
         database was unreachable, they keep their last values' absence)."""
@@ -4982,6 +5493,13 @@ class Metrics:
         values["weex_sync_pass_exit_code"][""] = code
         values["weex_sync_pass_timestamp_seconds"][""] = round(time.time(), 3)
         values["weex_sync_clock_offset_seconds"][""] = clock_offset_ms / SECOND_MS
+        key, limit, budget = address_budget(cfg.weex)
+        address = _labels(address=key)
+        refused = values["weex_sync_rate_limit_refusals_total"]
+        refused[address] = refused.get(address, 0) + refusals
+        values["weex_sync_rate_limit_pass_refusals"][address] = refusals
+        values["weex_sync_rate_limit_weight_per_second"][address] = round(budget.pace(limit), 3)
+        values["weex_sync_rate_limit_ceiling_weight_per_second"][address] = round(limit.ceiling, 3)
         self._pair_gauges(cfg, users, values, conn)
         self._replace_file(self._render(values))
 
@@ -5229,6 +5747,7 @@ def pass_options(args: argparse.Namespace, cfg: Config, loop_seconds: int | None
         lock_wait=args.lock_wait,
         max_seconds=max_seconds,
         min_interval=min_interval,
+        interval=loop_seconds or cfg.sync.interval_seconds,
     )
 
 
@@ -5327,12 +5846,13 @@ def run_passes(
     def one_pass() -> int:
         """Its set-up (schema, partitions, the order of the users) and the metrics after it
         share one connection; the workers have their own."""
-        started, outcomes, conn = time.monotonic(), [], None
+        started, outcomes, conn, refusals = time.monotonic(), [], None, 0
         busy.set()
         try:
             conn = prepare_database(cfg)
-            ctx = PassContext(cfg, options, stop, clock, limiter, redact)
-            outcomes = SyncPass(ctx).run(users, conn)
+            sync_pass = SyncPass(PassContext(cfg, options, stop, clock, limiter, redact))
+            outcomes = sync_pass.run(users, conn)
+            refusals = sync_pass.refusals
             code = exit_code(outcomes)
         except StorageError as exc:
             log.error("%s", exc, extra={"event": "db_unreachable"})
@@ -5342,7 +5862,14 @@ def run_passes(
         try:
             if metrics_file:
                 Metrics(metrics_file).write(
-                    cfg, users, outcomes, code, time.monotonic() - started, clock.offset_ms, conn
+                    cfg,
+                    users,
+                    outcomes,
+                    code,
+                    time.monotonic() - started,
+                    clock.offset_ms,
+                    conn,
+                    refusals,
                 )
         finally:
             if conn is not None:

@@ -69,7 +69,20 @@ CLASSIFICATION = [
     (V3, 401, b"{}", weex_sync.CredentialsError, "credentials rejected"),
     (V3, 403, b"{}", weex_sync.AccessDenied, "not permitted"),
     (V3, 400, b"{}", weex_sync.SymbolRejected, "request rejected"),
-    (V3, 418, b"{}", weex_sync.ExchangeError, "unexpected answer"),
+    # rate-limit refusals: the limiter slows the address down (docs/weex-api.md, Rate limits)
+    (V3, 418, b"{}", weex_sync._Throttled, "rate limited (HTTP 418)"),
+    (V3, 429, body(-1059), weex_sync._Throttled, "code -1059"),
+    (V3, 429, body(-1003), weex_sync._Throttled, "code -1003"),
+    (V3, 200, body(-1059), weex_sync._Throttled, "HTTP 200, code -1059"),
+    (V2, 200, body("429"), weex_sync._Throttled, "HTTP 200, code 429"),
+    (V2, 429, body("429"), weex_sync._Throttled, "rate limited"),
+    # the form of our request refused: a bug, never retried
+    (V2, 400, body("40007"), weex_sync.ExchangeError, "form of the request"),
+    (V3, 400, body(-1045), weex_sync.ExchangeError, "form of the request"),
+    (V3, 400, body(-1135), weex_sync.ExchangeError, "form of the request"),
+    (V3, 405, body(-1150), weex_sync.ExchangeError, "form of the request"),
+    (V3, 400, body(-1160), weex_sync.ExchangeError, "form of the request"),
+    (V2, 400, body("40016"), weex_sync.AccessDenied, "bind a phone or an authenticator"),
     (V3, 302, b"", weex_sync.ExchangeError, "not followed"),
     (V3, 200, b"not json", weex_sync._Transient, "not JSON"),
     (V3, 200, b"[" * 100_000, weex_sync._Transient, "not JSON"),  # nesting: RecursionError
