@@ -75,7 +75,7 @@ import yaml
 from psycopg2 import sql
 from requests.adapters import HTTPAdapter
 
-__version__ = "3.1.0"
+__version__ = "3.2.0"
 
 log = logging.getLogger("weex_sync")
 
@@ -1361,6 +1361,9 @@ RETRY_AFTER_CAP_SECONDS = 60.0
 MAX_CLOCK_OFFSET_MS = 7 * DAY_MS
 HORIZON_RETRY_MS = 5_000  # a start refused at the horizon's edge is asked again this far inside
 BACKOFF_CAP_SECONDS = 30.0
+# Rate-limit refusals a request waits out before its pair fails: a pass's interval (the next
+# pass would meet the same refusals), at least this long.
+THROTTLE_PATIENCE_SECONDS = 60.0
 
 
 class Stop:
@@ -1728,17 +1731,20 @@ class Budget:
             self.rate = max(self.pace(limit) * RATE_CUT, limit.floor)
             self.lowered_at = now
             self.streak += 1
-        pause = retry_after
-        if pause is None:
-            pause = min(PAUSE_FIRST_SECONDS * 2 ** (self.streak - 1), PAUSE_CAP_SECONDS)
+        doubling = PAUSE_FIRST_SECONDS * 2 ** min(max(self.streak - 1, 0), 10)
+        pause = max(retry_after or 0.0, min(doubling, PAUSE_CAP_SECONDS))
         self.paused_until = max(self.paused_until, now + pause)
 
-    def succeeded(self, weight: int, paced: bool, limit: Limit) -> None:
+    def succeeded(self, ticket: Ticket, limit: Limit) -> None:
         """An answer that was not a refusal. A request that waited for its turn used the rate
         to the full: the rate climbs back (additively, RECOVERY_SECONDS from nothing to the
-        ceiling); one that did not wait proves nothing about a higher rate."""
+        ceiling); one that did not wait proves nothing about a higher rate, and one sent before
+        the last cut nothing about the rate since."""
+        if ticket.sent_at < self.lowered_at:
+            return
         self.streak = 0
-        if paced and self.rate is not None:
+        weight = ticket.weight
+        if ticket.paced and self.rate is not None:
             rate = self.pace(limit)
             rate += limit.ceiling / RECOVERY_SECONDS * weight / rate
             self.rate = None if rate >= limit.ceiling else rate
@@ -1903,11 +1909,12 @@ class RateLimiter:
                 if wait <= 0:
                     for budget, limit in budgets:
                         budget.charge(now, weight, limit, self.BUCKET)
+                else:  # waiting for the address's pace: its rate is what holds the request
+                    paced = paced or budgets[0][0].next_at - now >= wait
                 if len(self._accounts) > 64:  # a fleet has thousands of accounts
                     _forget_idle(self._accounts, now)
             if wait <= 0:
                 return Ticket(now, weight, paced)
-            paced = True
             if stop is None:
                 time.sleep(wait)
             elif stop.wait(wait):
@@ -1918,10 +1925,10 @@ class RateLimiter:
         with self._lock:
             self._successes.append(ticket)
 
-    def refused(self, ticket: Ticket, retry_after: float | None, stop: Stop | None) -> None:
+    def refused(self, ticket: Ticket, retry_after: float | None) -> None:
         """The exchange refused the request for its rate: the address slows down and pauses,
-        for every process of the machine at once."""
-        with self._lock, self._machine_state(stop) as machine:
+        for every process of the machine at once (even during a stop: the file must know)."""
+        with self._lock, self._machine_state(None) as machine:
             self.refusals += 1
             budget = machine.setdefault(self.ip_key, Budget())
             budget.refused(time.time(), ticket.sent_at, retry_after, self.ip)
@@ -1931,6 +1938,11 @@ class RateLimiter:
                 budget.pace(self.ip),
                 max(0.0, budget.paused_until - time.time()),
             )
+
+    def flush(self) -> None:
+        """Write what the answers since the last request taught (the end of a pass)."""
+        with self._lock, self._machine_state(None):
+            pass
 
     def take_refusals(self) -> int:
         """This process's refusals since the last call (a pass's, for its summary)."""
@@ -1992,11 +2004,7 @@ class RateLimiter:
 
     def _read_file(self, fd: int) -> dict[str, Budget]:
         text = os.pread(fd, BUDGET_FILE_LIMIT + 1, 0)
-        try:
-            state = json.loads(text) if text and len(text) <= BUDGET_FILE_LIMIT else {}
-        except (ValueError, RecursionError):  # torn by a kill mid-write: start afresh
-            state = {}
-        budgets, discarded = read_budgets(state, time.time(), self.BUCKET)
+        budgets, discarded = read_budgets(text, time.time(), self.BUCKET)
         if discarded and not self._warned:
             self._warned = True
             log.warning(
@@ -2011,7 +2019,7 @@ class RateLimiter:
         if self._successes:
             budget = machine.setdefault(self.ip_key, Budget())
             for ticket in self._successes:
-                budget.succeeded(ticket.weight, ticket.paced, self.ip)
+                budget.succeeded(ticket, self.ip)
             self._successes.clear()
         return machine
 
@@ -2084,8 +2092,13 @@ def _budget_number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def read_budgets(state: Any, now: float, bucket: float) -> tuple[dict[str, Budget], int]:
-    """The budgets of a budget file, and how many of its entries were not valid."""
+def read_budgets(text: bytes, now: float, bucket: float) -> tuple[dict[str, Budget], int]:
+    """The budgets of a budget file's text, and how many of its entries were not valid. A
+    file torn by a kill mid-write, or too large to be one, starts afresh."""
+    try:
+        state = json.loads(text) if text and len(text) <= BUDGET_FILE_LIMIT else {}
+    except (ValueError, RecursionError):
+        state = {}
     budgets: dict[str, Budget] = {}
     if not isinstance(state, dict):
         return budgets, 1
@@ -2113,11 +2126,8 @@ def address_budget(cfg: WeexConfig) -> tuple[str, Limit, Budget]:
             return limiter_key, limit, budget
         try:
             text = os.read(fd, BUDGET_FILE_LIMIT + 1)
-            state = json.loads(text) if len(text) <= BUDGET_FILE_LIMIT else {}
-            budget = read_budgets(state, time.time(), RateLimiter.BUCKET)[0].get(
-                limiter_key, budget
-            )
-        except (OSError, ValueError, RecursionError):
+            budget = read_budgets(text, time.time(), RateLimiter.BUCKET)[0].get(limiter_key, budget)
+        except OSError:
             pass
         finally:
             os.close(fd)
@@ -2489,6 +2499,8 @@ def classify_response(
             f"the exchange answered with a redirect ({detail}); not followed: credentials go "
             "to the configured weex.base_url only"
         )
+    if kind == "throttled" or status in (418, 429):  # a limiter in front answers first
+        raise _Throttled(f"rate limited ({detail})", _retry_after(retry_after))
     if kind == "clock":
         raise _ClockRejected(detail)
     if kind in REJECTIONS:
@@ -2496,8 +2508,6 @@ def classify_response(
         raise error(meaning.format(detail))
     if status == 521:
         raise _OriginDown(detail, _retry_after(retry_after))
-    if kind == "throttled" or status in (418, 429):
-        raise _Throttled(f"rate limited ({detail})", _retry_after(retry_after))
     if kind == "busy" or status >= 500:
         raise _Busy(f"exchange busy ({detail})", _retry_after(retry_after))
     if status != 200:
@@ -2538,7 +2548,7 @@ class FillsClient:
         limiter: RateLimiter,
         stop: Stop,
         host: HostWatch | None = None,
-        patience: float = 60.0,
+        patience: float = THROTTLE_PATIENCE_SECONDS,
     ) -> None:
         self.cfg = cfg
         self.patience = patience  # how long rate-limit refusals may go on before giving up
@@ -2662,7 +2672,7 @@ class FillsClient:
             if refused is None:
                 self.limiter.succeeded(ticket)
             else:
-                self.limiter.refused(ticket, refused.retry_after, self.stop)
+                self.limiter.refused(ticket, refused.retry_after)
         try:
             return parse(body)
         except MalformedAnswer as exc:
@@ -4324,9 +4334,7 @@ class Store:
 # =============================================================================================
 
 STOP_GRACE_SECONDS = 5.0  # after a stop request, requests in flight get this long to finish
-# Rate-limit refusals a request waits out before its pair fails: a pass's interval (the next
-# pass would meet the same refusals), at least this long.
-THROTTLE_PATIENCE_SECONDS = 60.0
+
 REJECTED_LOG_LIMIT = 5  # rejected fills logged one by one per pair and pass (all are stored)
 ERROR_LIMIT = 500  # characters of an error message kept in sync_status and the log
 
@@ -4563,7 +4571,7 @@ def sync_pair(
     outcome = Outcome(user.user_id, scope)
     started = time.monotonic()
     stop = Stop(ctx.stop)
-    patience = max(THROTTLE_PATIENCE_SECONDS, ctx.cfg.sync.interval_seconds)
+    patience = max(THROTTLE_PATIENCE_SECONDS, ctx.options.interval)
     client = FillsClient(
         ctx.cfg.weex, user, worker.session, ctx.clock, ctx.limiter, stop, ctx.host, patience
     )
@@ -4718,14 +4726,14 @@ class Backoff(NamedTuple):
 
 
 BACKOFF_KINDS = frozenset({"credentials", "access"})  # refusals WEEX may punish if repeated
-BACKOFF_CAP_SECONDS = 3600
+USER_BACKOFF_CAP_SECONDS = 3600
 
 
 def backoff_wait(failures: int, interval: int) -> float:
     """How long after its ``failures``-th refused pass in a row a user is left alone: none (the
     next pass tries), then 1, 3, 7 ... intervals (every other pass, every fourth ...), at most
     an hour. Half an interval early, so the pass that is due is not missed by a second."""
-    return min(interval * (2 ** (failures - 1) - 0.5), BACKOFF_CAP_SECONDS)
+    return min(interval * (2 ** (min(failures, 16) - 1) - 0.5), USER_BACKOFF_CAP_SECONDS)
 
 
 def load_backoffs(conn: Conn) -> dict[str, Backoff]:
@@ -4919,6 +4927,7 @@ class SyncPass:
         finally:
             for worker in self._workers:
                 worker.close()
+        self.ctx.limiter.flush()
         self.refusals = self.ctx.limiter.take_refusals()
         log_pass_summary(self.ctx, outcomes, time.monotonic() - started, self.refusals)
         return outcomes
@@ -5198,11 +5207,12 @@ def print_status(cfg: Config, users: list[UserConfig], as_json: bool, max_age: i
             print(f"OK: all {plural(len(rows), 'pair')} synced through less than {max_age} s ago")
     else:
         print(_status_table(rows))
-        if rate["learned"] or rate["refusals"]:
+        if rate["refusals"]:
+            lowered = f", lowered {rate['lowered_at']}" if rate["learned"] else ""
             print(
                 f"rate limit: {rate['address']} paces at {rate['weight_per_second']:g} of "
-                f"{rate['ceiling']:g} weight/s (lowered {rate['lowered_at']} by a refusal; "
-                f"{plural(rate['refusals'], 'refusal')} so far, the last {rate['last_refusal']})"
+                f"{rate['ceiling']:g} weight/s{lowered}; {plural(rate['refusals'], 'refusal')} "
+                f"so far, the last {rate['last_refusal']}"
             )
     return code
 
@@ -5280,6 +5290,7 @@ CHECK_VERDICTS = {
     "access": "ACCESS DENIED",
     "symbol": "SYMBOL REJECTED",
     "unreachable": "UNREACHABLE",
+    "rate_limit": "RATE LIMITED",
 }
 
 

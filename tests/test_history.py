@@ -152,6 +152,26 @@ def test_status_retention_never_blocks_a_reader_and_finishes_on_a_later_pass(
     assert own_db.scalar("SELECT count(*) FROM sync_status WHERE pass_id = 'old'") == 0
 
 
+def test_a_version_4_database_gains_the_backoff_table_and_keeps_its_fills(
+    harness: Harness, own_db: Database, sim
+):
+    """weex_sync 3.1's schema (version 4: this one without sync_backoff) with fills in it."""
+    account = make_account(sim, 1)
+    sim.generate_fills(account.api_key, BTC, 30, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+    harness.accounts = [account]
+    assert harness.run("--once") == 0
+    own_db.rows("DROP TABLE sync_backoff")
+    own_db.rows("UPDATE weex_sync_schema SET version = 4")
+    stored = stored_fills(own_db)
+
+    assert harness.run("--status") == 3  # a pass upgrades it, --status does not
+    assert harness.run("--once") == 0, harness.last_log
+
+    assert own_db.scalar("SELECT max(version) FROM weex_sync_schema") == weex_sync.SCHEMA_VERSION
+    assert own_db.scalar("SELECT count(*) FROM sync_backoff") == 0
+    assert stored_fills(own_db) == stored == harness.expected(account, BTC)
+
+
 def test_a_version_3_database_is_upgraded_in_place_keeping_every_status_row(
     harness: Harness, own_db: Database, sim
 ):

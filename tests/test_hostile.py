@@ -833,8 +833,11 @@ def test_sigterm_ends_the_process_within_seconds_in_every_waiting_state(runner, 
     by_key = {users[state].api_key: reply for state, reply in states.items()}
     exchange.fills = lambda request: by_key[request.key]
     processes = {}
+    budget = Path(runner.weex["rate_limit"]["shared_file"])
     for state, user in users.items():
         runner.accounts = [user]
+        # a budget file each: the Retry-After would pause the others' shared address too
+        runner.weex["rate_limit"]["shared_file"] = str(budget.with_name(f"{state}.budget"))
         processes[state] = runner.popen("--once", name=f"{state}.yaml")
 
     for user in users.values():
@@ -1224,6 +1227,12 @@ HOSTILE_BUDGETS = {
     "an hour ahead (a clock that was)": lambda key: json.dumps({key: [[time.time() + 3600, 10]]}),
     "NaN and infinity": lambda key: json.dumps(
         {key: [[math.nan, 5], [math.inf, 5], [1, -math.inf]]}
+    ),
+    "a pause and a pacing slot an hour ahead": lambda key: json.dumps(
+        {key: {"used": [], "pause": time.time() + 3600, "next": time.time() + 3600}}
+    ),
+    "a streak and a span past any limit": lambda key: json.dumps(
+        {key: {"used": [], "streak": 10**6, "span": 10**9, "lowered": time.time() + 3600}}
     ),
 }
 
