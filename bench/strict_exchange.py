@@ -10,8 +10,9 @@ documented budget (500 weight / 10 s); the simulator enforces, per case:
 each refusing with HTTP 429, code -1059 and no Retry-After, and boxing an address refused 6
 times within 10 s for 60 s (penalty_box). Per case, two `--once` passes as cron runs them
 (a fresh process each, one budget file): requests, refused, penalty boxes, pass time against
-the time the true limits need (least_seconds: each request at the first moment the simulator's
-windows admit it), exit codes, and the stored set (every fill once). With ``--baseline REV`` the same passes of the
+the time the true limit needs for the requests answered (at its sustained rate: the criterion;
+and the least time a client bursting into an idle window would need, least_seconds), exit
+codes, and the stored set (every fill once). With ``--baseline REV`` the same passes of the
 weex_sync.py of git revision REV, in the same run, before weex_sync's.
 
 usage: strict_exchange.py [--accounts 150] [--baseline REV]   (writes bench/results/strict_exchange-*.md)
@@ -41,6 +42,14 @@ CASES = {
 STRICT = {"limit_code": "-1059", "limit_retry_after": False, "penalty_box": [6, 10.0, 60.0]}
 HIGH_LIMITS = {"uid_weight": 1_000_000, "ip_weight": 10_000_000, "window_seconds": 10}
 FILLS_PER_ACCOUNT = 3
+
+
+def rate_seconds(case: dict, requests: int) -> float:
+    """The time ``requests`` fills requests take at the case's sustained rate: the least any
+    paced client needs (a window's budget may not leave at once)."""
+    return (
+        requests * 5 / min(w / s for w, s in (case["ip_limit"], case["burst_limit"] or (1, 0)) if s)
+    )
 
 
 def least_seconds(case: dict, requests: int) -> float:
@@ -119,6 +128,7 @@ def run_case(
                 dbname=dbname,
             )[0]
             requests = stats["fills_requests"]
+            answered = requests - stats["refused"]
             rows.append(
                 {
                     "case": name,
@@ -128,7 +138,8 @@ def run_case(
                     "refused": stats["refused"],
                     "penalty_boxes": stats["penalty_boxes"],
                     "seconds": round(seconds, 1),
-                    "true_seconds": round(least_seconds(CASES[name], requests), 1),
+                    "rate_seconds": round(rate_seconds(CASES[name], answered), 1),
+                    "least_seconds": round(least_seconds(CASES[name], answered), 1),
                     "exit": code,
                     "stored": stored,
                     "exact": stored == distinct == len(users) * FILLS_PER_ACCOUNT,
@@ -194,17 +205,20 @@ def main(argv: list[str] | None = None) -> int:
         "",
         (
             "| case | client | pass | requests | refused | refused share | penalty boxes "
-            "| pass s | true-limit s | ratio | exit | stored | exact |"
+            "| pass s | at the limit's rate s | ratio | least s (bursting) | ratio | exit | stored "
+            "| exact |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         share = r["refused"] / r["requests"] if r["requests"] else 0
-        ratio = r["seconds"] / r["true_seconds"] if r["true_seconds"] else 0
+        ratio = r["seconds"] / r["rate_seconds"] if r["rate_seconds"] else 0
+        least = r["seconds"] / r["least_seconds"] if r["least_seconds"] else 0
         lines.append(
             f"| {r['case']} | {r['client']} | {r['pass']} | {r['requests']} | {r['refused']} | "
-            f"{share:.1%} | {r['penalty_boxes']} | {r['seconds']} | {r['true_seconds']} | "
-            f"{ratio:.2f} | {r['exit']} | {r['stored']} | {r['exact']} |"
+            f"{share:.1%} | {r['penalty_boxes']} | {r['seconds']} | {r['rate_seconds']} | "
+            f"{ratio:.2f} | {r['least_seconds']} | {least:.2f} | {r['exit']} | {r['stored']} "
+            f"| {r['exact']} |"
         )
     text = "\n".join(lines) + "\n"
     RESULTS.mkdir(exist_ok=True)

@@ -51,12 +51,14 @@ STRICTNESS = {
 }
 
 
-def strict(sim: Simulator, case: str) -> None:
+def strict(sim: Simulator, case: str, version: int = 3) -> None:
+    """The case's limits, refused with v3's -1059 (v2: its 429 in the body); the half window
+    with a Retry-After, the burst cap without; an address refused 6 times in a window boxed."""
     for name, value in STRICTNESS[case].items():
         setattr(sim, name, value)
-    sim.limit_code = "-1059"
-    sim.limit_retry_after = False
-    sim.penalty_box = (6, WINDOW, 3 * WINDOW)  # refused 6 times within a window: boxed
+    sim.limit_code = "-1059" if version == 3 else "429"
+    sim.limit_retry_after = case == "half the window"
+    sim.penalty_box = (6, WINDOW, 3 * WINDOW)
 
 
 @pytest.mark.parametrize("api", ["v3-newest", "v2"], indirect=True)
@@ -65,7 +67,7 @@ def test_passes_converge_on_a_stricter_exchange(
     harness: Harness, db: Database, sim: Simulator, case: str
 ):
     idle_fleet(harness, sim, 30)
-    strict(sim, case)
+    strict(sim, case, harness.api.version)
     assert harness.run() == 0, harness.last_log  # the first pass learns
     first = [r for r in sim.requests if r["path"] == harness.api.fills_path]
     sim.reset_stats()
@@ -74,7 +76,8 @@ def test_passes_converge_on_a_stricter_exchange(
 
     requests = [r for r in sim.requests if r["path"] == harness.api.fills_path]
     refused = sum(r["refused"] for r in requests)
-    assert refused <= max(1, 0.05 * len(requests)), (refused, len(requests))
+    # the sawtooth's one or two at this scale (3.1 had most of its requests refused here)
+    assert refused <= max(2, 0.05 * len(requests)), (refused, len(requests))
     assert sim.penalty_boxes == 0 and not any(r["boxed"] for r in first)
     for account in harness.accounts:
         assert stored_fills(db, account.user_id) == harness.expected(account)
