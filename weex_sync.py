@@ -537,12 +537,30 @@ def _source_addresses(value: Any) -> tuple[str, ...]:
     addresses = []
     for i, item in enumerate(items):
         try:
-            addresses.append(str(ipaddress.ip_address(str(item).strip())))
+            address = ipaddress.ip_address(str(item).strip())
         except ValueError:
             raise ConfigError(f"weex.source_address[{i}]: not an IP address") from None
+        problem = _unbindable(address)
+        if problem:
+            raise ConfigError(
+                f"weex.source_address[{i}]: {address} is not an address of this host ({problem})"
+            )
+        addresses.append(str(address))
     if len(set(addresses)) < len(addresses):
         raise ConfigError("weex.source_address: an address is listed twice")
     return tuple(addresses)
+
+
+def _unbindable(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why requests could not leave from ``address`` (None: they can): asked of the kernel
+    now, so the error names the setting instead of every request failing to connect."""
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((str(address), 0))
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None
 
 
 def _symbols(value: Any, path: str) -> tuple[str, ...]:
@@ -1059,7 +1077,17 @@ class Rejected(NamedTuple):
 
     @property
     def fingerprint(self) -> str:
-        return hashlib.sha256(self.raw.encode()).hexdigest()[:32]
+        """What makes two rejections one quarantine row: the fill's identity (order, trade)
+        where it can be read, else its content with the keys in order: never how one answer
+        happened to serialise it."""
+        if self.order_id is not None and self.trade_id is not None:
+            identity = f"fill\0{self.order_id}\0{self.trade_id}"
+        else:
+            try:
+                identity = json.dumps(json.loads(self.raw), sort_keys=True)
+            except (ValueError, RecursionError):  # cut at REJECTED_RAW_LIMIT: as it is
+                identity = self.raw
+        return hashlib.sha256(identity.encode()).hexdigest()[:32]
 
 
 class Answer(NamedTuple):
@@ -3454,7 +3482,9 @@ RETURNING id
 """
 # Claim those of the keys that no other pass claimed within %(interval)s seconds, nor since
 # this pass started (%(since)s: an account another pass synced meanwhile is not stale for this
-# one); this pass may claim again what it holds. Returns the keys claimed.
+# one); this pass may claim again what it holds. A claim dated in the future (the database's
+# clock stepped back since) has expired: it would otherwise hold its account for as long as
+# the step. Returns the keys claimed.
 CLAIM_SQL = """
 INSERT INTO sync_claims AS c (claim_key, claimed_at, claimed_by)
 SELECT key, now(), %(by)s FROM unnest(%(keys)s::text[]) AS key
@@ -3462,6 +3492,7 @@ ON CONFLICT (claim_key) DO UPDATE SET claimed_at = now(), claimed_by = EXCLUDED.
  WHERE (c.claimed_at <= now() - make_interval(secs => %(interval)s)
         AND c.claimed_at < %(since)s)
     OR c.claimed_by = %(by)s
+    OR c.claimed_at > clock_timestamp() + interval '5 seconds'
 RETURNING claim_key
 """
 RENEW_CLAIM_SQL = """
@@ -3599,8 +3630,7 @@ def create_database(db: DatabaseConfig, create: bool) -> None:
         admin = connect(db, "postgres")
         admin.autocommit = True
         try:
-            with admin.cursor() as cur:
-                cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db.dbname)))
+            create_utf8_database(admin, db.dbname)
         finally:
             admin.close()
         log.info("created database %s on %s:%s", db.dbname, db.host, db.port)
@@ -3610,6 +3640,20 @@ def create_database(db: DatabaseConfig, create: bool) -> None:
         raise StorageError(
             f'database "{db.dbname}" does not exist and cannot be created: {describe_db_error(exc)}'
         ) from None
+
+
+def create_utf8_database(admin: Conn, dbname: str) -> None:
+    """CREATE DATABASE in UTF8 whatever the cluster's default (initdb under LANG=C makes
+    SQL_ASCII): from template0, in the cluster's locale, or in the C locale where that locale
+    cannot hold UTF8 (a LATIN1 locale, say)."""
+    create = sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8'").format(
+        sql.Identifier(dbname)
+    )
+    with admin.cursor() as cur:
+        try:
+            cur.execute(create)
+        except psycopg2.errors.InvalidParameterValue:
+            cur.execute(create + sql.SQL(" LC_COLLATE 'C' LC_CTYPE 'C'"))
 
 
 def connect_once_created(db: DatabaseConfig, patience: float = 10.0) -> Conn:
@@ -4005,6 +4049,7 @@ def prepare_database(cfg: Config) -> Conn:
             f"database unreachable ({db.host}:{db.port}/{db.dbname}): {exc}"
         ) from None
     try:
+        require_utf8(conn)
         ensure_schema(conn, db.partition_fills)
         maintain_partitions(conn, db.partition_fills, cfg.sync.status_retention_days)
     except StorageError as exc:
@@ -4016,6 +4061,22 @@ def prepare_database(cfg: Config) -> Conn:
             f"database {db.host}:{db.port}/{db.dbname}: {describe_db_error(exc)}"
         ) from None
     return conn
+
+
+def require_utf8(conn: Conn) -> None:
+    """An exchange's text (a message, a field of a fill) may hold any character: in a LATIN1 or
+    SQL_ASCII database one it cannot store would stop an account, or lose a status row, on
+    every pass. So weex_sync writes only to a UTF8 database (it creates its own so)."""
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_encoding_to_char(encoding) FROM pg_database"
+                    " WHERE datname = current_database()")  # fmt: skip
+        encoding = one_row(cur)[0]
+    if encoding != "UTF8":
+        raise StorageError(
+            f"the database is encoded {encoding}; weex_sync needs UTF8 (exchange text may hold "
+            "any character): let weex_sync create its database, or CREATE DATABASE … ENCODING "
+            "'UTF8' TEMPLATE template0"
+        )
 
 
 def schema_version(conn: Conn) -> int:

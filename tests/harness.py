@@ -147,8 +147,7 @@ def database_exists(pg: dict, name: str) -> bool:
 def test_db_name(pg: dict) -> Iterator[str]:
     name = f"weex_sync_test_{os.getpid()}_{secrets.token_hex(3)}"
     conn = admin_connection(pg)
-    with conn.cursor() as cur:
-        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    weex_sync.create_utf8_database(conn, name)  # as weex_sync does, whatever the cluster's default
     conn.close()
     yield name
     drop_database(pg, name)
@@ -159,8 +158,7 @@ def create_scratch_database(pg: dict, scratch_db_names: list[str], prefix: str) 
     name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
     scratch_db_names.append(name)
     conn = admin_connection(pg)
-    with conn.cursor() as cur:
-        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    weex_sync.create_utf8_database(conn, name)
     conn.close()
     return name
 

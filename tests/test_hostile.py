@@ -16,6 +16,7 @@ import itertools
 import json
 import math
 import os
+import random
 import re
 import secrets
 import signal
@@ -861,6 +862,30 @@ def test_sigterm_ends_the_process_within_seconds_in_every_waiting_state(runner, 
         clean_lines(err)
     assert results["retry_after"][2] < 3  # nothing in flight: no grace needed
     assert len(exchange.fills_requests(users["retry_after"].api_key)) == 1
+
+
+@both_versions
+def test_a_bad_fill_served_with_its_keys_in_another_order_is_one_quarantine_row(
+    runner, exchange, db, version
+):
+    """The quarantine keys a fill by its identity (order, trade), not by how an answer
+    happened to serialise it."""
+    bad = make_fill(
+        version, 7, now_ms() - 3_600_000, **{"price" if version == 3 else "fillSize": "x"}
+    )
+    shuffler = random.Random(5)
+
+    def shuffled(request: Request) -> Reply:
+        items = list(bad.items())
+        shuffler.shuffle(items)
+        return answer(request, [dict(items)])
+
+    exchange.fills = shuffled
+    runner.sync["start_time"] = now_ms() - DAY_MS
+    for _ in range(3):
+        assert runner.run() == 1, runner.last_log  # the pair fails on its quarantined fill
+
+    assert db.rows("SELECT seen_count, resolved_at FROM rejected_fills") == [(3, None)]
 
 
 # --- 8. an analyst's open transaction ---------------------------------------------------------

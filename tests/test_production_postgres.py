@@ -1,0 +1,106 @@
+"""Where production PostgreSQL is: a database in another encoding, a clock that stepped, a
+host's addresses, the quarantine's keys (issue: runs where production PostgreSQL is)."""
+
+from __future__ import annotations
+
+import random
+
+from psycopg2 import sql
+from test_hostile import now_ms
+
+import weex_sync
+from harness import (
+    BTC,
+    DAY_MS,
+    START_MS,
+    Database,
+    Harness,
+    admin_connection,
+    make_account,
+    stored_fills,
+)
+
+
+def test_a_database_in_another_encoding_is_refused_before_anything_is_written(
+    harness: Harness, sim, pg: dict, scratch_db_names: list[str]
+):
+    name = f"weex_sync_latin1_{random.randrange(10**9)}"
+    scratch_db_names.append(name)
+    conn = admin_connection(pg)
+    with conn.cursor() as cur:
+        cur.execute(
+            sql.SQL(
+                "CREATE DATABASE {} TEMPLATE template0 ENCODING 'LATIN1' LC_COLLATE 'C' "
+                "LC_CTYPE 'C'"
+            ).format(sql.Identifier(name))
+        )
+    conn.close()
+    harness.accounts = [make_account(sim, 1)]
+    harness.database["dbname"] = name
+
+    assert harness.run() == 3
+    assert harness.run("--check") == 3
+
+    [line] = [x for x in harness.last_log.splitlines() if "encoded LATIN1" in x]
+    assert "weex_sync needs UTF8" in line and "TEMPLATE template0" in line
+    latin1 = Database(pg, name)
+    try:
+        assert latin1.scalar("SELECT to_regclass('trade_fills')") is None  # nothing created
+    finally:
+        latin1.close()
+    assert sim.count() == 0
+
+
+def test_the_database_weex_sync_creates_is_utf8_from_template0(
+    harness: Harness, sim, pg: dict, scratch_db_names: list[str]
+):
+    name = f"weex_sync_created_{random.randrange(10**9)}"
+    scratch_db_names.append(name)
+    account = make_account(sim, 1)
+    sim.generate_fills(account.api_key, BTC, 5, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+    harness.accounts = [account]
+    harness.database["dbname"] = name
+
+    assert harness.run() == 0, harness.last_log
+
+    conn = admin_connection(pg)
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT pg_encoding_to_char(encoding) FROM pg_database WHERE datname = %s", (name,)
+        )
+        assert cur.fetchone()[0] == "UTF8"
+    conn.close()
+
+
+def test_a_claim_dated_in_the_future_has_expired(harness: Harness, db: Database, sim):
+    """The database's clock stepped back an hour after a pass claimed the account: the next
+    pass syncs it, instead of counting it fresh for an hour."""
+    account = make_account(sim, 1)
+    sim.generate_fills(account.api_key, BTC, 5, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+    harness.accounts = [account]
+    harness.sync["min_interval_seconds"] = 50  # claims on
+    assert harness.run() == 0, harness.last_log
+    db.rows("UPDATE sync_claims SET claimed_at = now() + interval '1 hour'")
+    sim.generate_fills(account.api_key, BTC, 5, start_ms=now_ms() - 60_000, end_ms=now_ms())
+
+    assert harness.run() == 0, harness.last_log
+
+    assert "fresh" not in harness.last_log.split("finished")[-1]
+    assert stored_fills(db) == harness.expected(account, BTC)
+    assert db.scalar("SELECT claimed_at <= now() FROM sync_claims") is True
+
+
+def test_a_source_address_not_on_this_host_is_a_configuration_error(harness: Harness, sim, db):
+    harness.accounts = [make_account(sim, 1)]
+    harness.weex["source_address"] = ["127.0.0.1", "192.0.2.1"]  # TEST-NET-1: nobody's
+
+    assert harness.run() == 2
+
+    [line] = [x for x in harness.last_log.splitlines() if "configuration error" in x]
+    assert "weex.source_address[1]: 192.0.2.1 is not an address of this host" in line
+    assert sim.count() == 0 and db.scalar("SELECT count(*) FROM sync_status") == 0
+
+
+def test_the_source_address_check_accepts_this_hosts_addresses():
+    assert weex_sync._unbindable(weex_sync.ipaddress.ip_address("127.0.0.1")) is None
+    assert weex_sync._unbindable(weex_sync.ipaddress.ip_address("192.0.2.1"))
