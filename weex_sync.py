@@ -113,6 +113,7 @@ class DatabaseConfig:
     dbname: str = "weex_trading"
     sslmode: str = "prefer"
     partition_fills: str = "none"  # or "monthly": a new trade_fills partitioned by month
+    schema: str = "public"  # where weex_sync's tables are; every transaction pins it
 
 
 @dataclass(frozen=True)
@@ -465,7 +466,9 @@ def _ranged(raw: dict, path: str, key: str, kind: type, default: Any, low: Any, 
 def _database_config(raw: dict) -> DatabaseConfig:
     p = "database"
     _check_keys(
-        raw, p, {"host", "port", "user", "password", "dbname", "sslmode"} | {"partition_fills"}
+        raw,
+        p,
+        {"host", "port", "user", "password", "dbname", "sslmode"} | {"partition_fills", "schema"},
     )
     for key in ("host", "user", "password", "dbname"):
         if isinstance(raw.get(key), str) and "\0" in raw[key]:
@@ -481,7 +484,17 @@ def _database_config(raw: dict) -> DatabaseConfig:
         dbname=_typed(raw, p, "dbname", str, DatabaseConfig.dbname),
         sslmode=sslmode,
         partition_fills=_partition_fills(raw),
+        schema=_schema_name(raw),
     )
+
+
+def _schema_name(raw: dict) -> str:
+    value = _typed(raw, "database", "schema", str, DatabaseConfig.schema)
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", value) or value.startswith("pg_"):
+        raise ConfigError(
+            "database.schema: a schema name in lower case (letters, digits, _), not pg_…"
+        )
+    return value
 
 
 def _partition_fills(raw: dict) -> str:
@@ -1077,17 +1090,14 @@ class Rejected(NamedTuple):
 
     @property
     def fingerprint(self) -> str:
-        """What makes two rejections one quarantine row: the fill's identity (order, trade)
-        where it can be read, else its content with the keys in order: never how one answer
-        happened to serialise it."""
-        if self.order_id is not None and self.trade_id is not None:
-            identity = f"fill\0{self.order_id}\0{self.trade_id}"
-        else:
-            try:
-                identity = json.dumps(json.loads(self.raw), sort_keys=True)
-            except (ValueError, RecursionError):  # cut at REJECTED_RAW_LIMIT: as it is
-                identity = self.raw
-        return hashlib.sha256(identity.encode()).hexdigest()[:32]
+        """What makes two rejections one quarantine row: the fill's content, its keys in
+        order, never how an answer happened to serialise it (two versions of one fill stay
+        two rows: which one is right cannot be told)."""
+        try:
+            content = json.dumps(json.loads(self.raw), sort_keys=True)
+        except (ValueError, RecursionError):  # cut at REJECTED_RAW_LIMIT: as it is
+            content = self.raw
+        return hashlib.sha256(content.encode()).hexdigest()[:32]
 
 
 class Answer(NamedTuple):
@@ -3579,8 +3589,44 @@ def one_row(cur: psycopg2.extensions.cursor) -> tuple:
     return row
 
 
+class PinnedConnection(psycopg2.extensions.connection):
+    """A connection whose every transaction begins by pinning weex_sync's settings with SET
+    LOCAL: its schema first in search_path (no search_path a DBA or a role chose can send a
+    write elsewhere) and its lock_timeout. Never session state or startup options, which a
+    transaction pooler (pgbouncer) hands to other clients, loses, or refuses."""
+
+    schema = DatabaseConfig.schema
+    pin = b""
+
+    def pin_to(self, schema: str) -> None:
+        self.schema = schema
+        self.pin = (
+            sql.SQL("SET LOCAL search_path TO {}; SET LOCAL lock_timeout = {}")
+            .format(sql.Identifier(schema), sql.Literal(LOCK_TIMEOUT))
+            .as_string(self)
+            .encode()
+        )
+
+
+class PinnedCursor(psycopg2.extensions.cursor):
+    """Pins the connection's settings before the first statement of each transaction."""
+
+    connection: PinnedConnection
+
+    def execute(self, query: Any, vars: Any = None) -> None:
+        conn = self.connection
+        idle = conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+        if idle and not conn.autocommit and conn.pin:
+            super().execute(conn.pin)
+        super().execute(query, vars)
+
+
+class PinnedDictCursor(PinnedCursor, psycopg2.extras.RealDictCursor):
+    """Rows as dicts, the settings pinned likewise."""
+
+
 def connect(db: DatabaseConfig, dbname: str | None = None) -> Conn:
-    return psycopg2.connect(
+    conn = psycopg2.connect(
         host=db.host,
         port=db.port,
         user=db.user,
@@ -3589,8 +3635,11 @@ def connect(db: DatabaseConfig, dbname: str | None = None) -> Conn:
         sslmode=db.sslmode,
         connect_timeout=10,
         application_name="weex_sync",
-        options=f"-c lock_timeout={LOCK_TIMEOUT}",
+        connection_factory=PinnedConnection,
+        cursor_factory=PinnedCursor,
     )
+    conn.pin_to(db.schema)
+    return conn
 
 
 def describe_db_error(exc: BaseException) -> str:
@@ -3729,6 +3778,10 @@ def ensure_schema(conn: Conn, partition_fills: str = "none") -> None:
             upgrade_status_table(conn)
             build_new_indexes(conn)
             with conn, conn.cursor() as cur:
+                schema = getattr(conn, "schema", DatabaseConfig.schema)
+                cur.execute("SELECT to_regnamespace(%s) IS NULL", (schema,))
+                if one_row(cur)[0]:  # only when missing: it needs CREATE on the database
+                    cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
                 if partition_fills == "monthly":
                     cur.execute(FILLS_TABLE_SQL.format(partitioning=FILLS_PARTITIONING))
                 cur.execute(SCHEMA_SQL)
@@ -3834,12 +3887,19 @@ def build_new_indexes(conn: Conn) -> None:
 
 @contextlib.contextmanager
 def autocommit(conn: Conn) -> Iterator[Conn]:
-    """``conn`` in autocommit for statements that cannot run in a transaction block."""
+    """``conn`` in autocommit for statements that cannot run in a transaction block (CREATE
+    INDEX CONCURRENTLY, DETACH ... CONCURRENTLY): weex_sync's schema pinned for the session
+    meanwhile, there being no transaction to pin it in."""
     before = conn.autocommit
     conn.autocommit = True
+    schema = getattr(conn, "schema", DatabaseConfig.schema)
     try:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
         yield conn
     finally:
+        with contextlib.suppress(psycopg2.Error), conn.cursor() as cur:
+            cur.execute("RESET search_path")
         conn.autocommit = before
 
 
@@ -5188,7 +5248,7 @@ def pair_status(conn: Conn, cfg: Config, users: list[UserConfig]) -> list[dict]:
     """Per configured pair: its latest state (sync_latest) and cursor: a lookup each."""
     pairs = configured_pairs(users)
     try:
-        with conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+        with conn, conn.cursor(cursor_factory=PinnedDictCursor) as cur:
             cur.execute(
                 PAIR_STATUS_SQL,
                 {

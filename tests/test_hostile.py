@@ -868,8 +868,8 @@ def test_sigterm_ends_the_process_within_seconds_in_every_waiting_state(runner, 
 def test_a_bad_fill_served_with_its_keys_in_another_order_is_one_quarantine_row(
     runner, exchange, db, version
 ):
-    """The quarantine keys a fill by its identity (order, trade), not by how an answer
-    happened to serialise it."""
+    """The quarantine keys a fill by its content, not by how an answer happened to serialise
+    it (two versions of one fill stay two rows: see the twins above)."""
     bad = make_fill(
         version, 7, now_ms() - 3_600_000, **{"price" if version == 3 else "fillSize": "x"}
     )

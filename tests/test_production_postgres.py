@@ -104,3 +104,62 @@ def test_a_source_address_not_on_this_host_is_a_configuration_error(harness: Har
 def test_the_source_address_check_accepts_this_hosts_addresses():
     assert weex_sync._unbindable(weex_sync.ipaddress.ip_address("127.0.0.1")) is None
     assert weex_sync._unbindable(weex_sync.ipaddress.ip_address("192.0.2.1"))
+
+
+def test_a_search_path_someone_else_chose_cannot_send_a_write_elsewhere(
+    harness: Harness, db: Database, sim
+):
+    """The analysts' snapshot reporting.trade_fills comes first in the database's search_path:
+    weex_sync still writes to its own schema's tables, and reads them."""
+    db.rows("CREATE SCHEMA reporting")
+    db.rows("CREATE TABLE reporting.trade_fills (LIKE public.trade_fills INCLUDING ALL)")
+    db.rows("CREATE TABLE reporting.sync_status (LIKE public.sync_latest)")
+    db.rows(
+        sql.SQL("ALTER DATABASE {} SET search_path = reporting, public")
+        .format(sql.Identifier(db.name))
+        .as_string(db.conn)
+    )
+    try:
+        account = make_account(sim, 1)
+        sim.generate_fills(account.api_key, BTC, 50, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+        harness.accounts = [account]
+
+        assert harness.run() == 0, harness.last_log
+        assert harness.run("--status") == 0
+        assert "user1" in harness.out and "success" in harness.out
+    finally:
+        db.rows(
+            sql.SQL("ALTER DATABASE {} RESET search_path")
+            .format(sql.Identifier(db.name))
+            .as_string(db.conn)
+        )
+        stored = stored_fills(db)
+        snapshot = db.scalar("SELECT count(*) FROM reporting.trade_fills")
+        db.rows("DROP SCHEMA reporting CASCADE")
+    assert stored == harness.expected(account, BTC)
+    assert snapshot == 0
+
+
+def test_database_schema_puts_every_table_there(harness: Harness, sim, pg, scratch_db_names):
+    name = f"weex_sync_schema_{random.randrange(10**9)}"
+    scratch_db_names.append(name)
+    account = make_account(sim, 1)
+    sim.generate_fills(account.api_key, BTC, 30, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+    harness.accounts = [account]
+    harness.database.update(dbname=name, schema="weex_data")
+
+    assert harness.run() == 0, harness.last_log
+    assert harness.run() == 0, harness.last_log  # the schema is current: nothing to create
+    assert harness.run("--status") == 0
+
+    created = Database(pg, name)
+    try:
+        tables = created.rows(
+            "SELECT table_schema, count(*) FROM information_schema.tables"
+            " WHERE table_name IN ('trade_fills', 'sync_status', 'sync_cursor', 'sync_latest')"
+            " GROUP BY 1"
+        )
+        assert tables == [("weex_data", 4)]
+        assert created.scalar("SELECT count(*) FROM weex_data.trade_fills") == 30
+    finally:
+        created.close()
