@@ -5566,6 +5566,17 @@ class Metrics:
             "gauge",
             "The exchange's clock minus this machine's, as the latest pass measured it.",
         ),
+        "weex_sync_database_up": (
+            "gauge",
+            (
+                "1 if the latest pass could read its pairs' state in PostgreSQL; 0: the pair "
+                "series are the last known ones, carried over."
+            ),
+        ),
+        "weex_sync_last_pass_success_timestamp_seconds": (
+            "gauge",
+            "Unix time the latest pass that exited 0 ended (carried over by the passes after it).",
+        ),
         "weex_sync_rate_limit_refusals_total": (
             "counter",
             "Requests the exchange refused as too frequent (HTTP 429/418, -1003, -1059).",
@@ -5583,7 +5594,18 @@ class Metrics:
             "The most the address paces at (twice weex.rate_limit's average rate).",
         ),
     }
-    LINE_RE = re.compile(r"(weex_sync_\w+_total)(\{[^}\n]*\})? ([0-9.eE+-]+)")
+    LINE_RE = re.compile(r"(weex_sync_\w+)(\{[^}\n]*\})? ([0-9.eE+-]+)")
+    # Carried over from the file when a pass cannot read them afresh (the database is down, or
+    # the pass never got to it): alerts on their age then fire, where an empty series would not.
+    CARRIED = frozenset(
+        {
+            "weex_sync_last_success_timestamp_seconds",
+            "weex_sync_last_sync_success",
+            "weex_sync_rejected_fills_open",
+            "weex_sync_synced_through_timestamp_seconds",
+            "weex_sync_last_pass_success_timestamp_seconds",
+        }
+    )
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
@@ -5601,10 +5623,11 @@ class Metrics:
     ) -> None:
         """The metrics of a pass; the pairs' gauges are read through ``conn`` (None: the
         database was unreachable, they keep their last values' absence)."""
-        counters = self._previous_counters()
+        previous = self._previous()
         values: dict[str, dict[str, float]] = {name: {} for name in self.HELP}
-        for name, labels in counters:
-            values[name][labels] = counters[(name, labels)]
+        for (name, labels), value in previous.items():
+            if name.endswith("_total"):
+                values[name][labels] = value
         for o in outcomes:
             labels = _labels(user=o.user_id, symbol=o.symbol)
             for name, add in (
@@ -5624,6 +5647,8 @@ class Metrics:
         values["weex_sync_pass_duration_seconds"][""] = round(seconds, 3)
         values["weex_sync_pass_exit_code"][""] = code
         values["weex_sync_pass_timestamp_seconds"][""] = round(time.time(), 3)
+        if code == EXIT_OK:
+            values["weex_sync_last_pass_success_timestamp_seconds"][""] = round(time.time(), 3)
         values["weex_sync_clock_offset_seconds"][""] = clock_offset_ms / SECOND_MS
         key, limit, budget = address_budget(cfg.weex)
         address = _labels(address=key)
@@ -5632,18 +5657,28 @@ class Metrics:
         values["weex_sync_rate_limit_pass_refusals"][address] = refusals
         values["weex_sync_rate_limit_weight_per_second"][address] = round(budget.pace(limit), 3)
         values["weex_sync_rate_limit_ceiling_weight_per_second"][address] = round(limit.ceiling, 3)
-        self._pair_gauges(cfg, users, values, conn)
+        fresh = self._pair_gauges(cfg, users, values, conn)
+        values["weex_sync_database_up"][""] = int(fresh)
+        carried = self.CARRIED if not fresh else {"weex_sync_last_pass_success_timestamp_seconds"}
+        for (name, labels), value in previous.items():
+            if name in carried:
+                values[name].setdefault(labels, value)
         self._replace_file(self._render(values))
 
     @staticmethod
-    def _pair_gauges(cfg: Config, users: list[UserConfig], values: dict, conn: Conn | None) -> None:
-        if conn is None or conn.closed:
-            return
+    def _pair_gauges(cfg: Config, users: list[UserConfig], values: dict, conn: Conn | None) -> bool:
+        """The pairs' gauges from PostgreSQL, through ``conn`` or, closed (a server's
+        idle_session_timeout during a long pass) or missing, a new connection; False if the
+        database cannot be read."""
         try:
-            rows = pair_status(conn, cfg, users)
-        except SyncError as exc:
-            log.warning("metrics: cannot read sync_status: %s", exc)
-            return
+            if conn is None or conn.closed:
+                with contextlib.closing(connect(cfg.database)) as fresh:
+                    rows = pair_status(fresh, cfg, users)
+            else:
+                rows = pair_status(conn, cfg, users)
+        except (SyncError, psycopg2.Error) as exc:
+            log.warning("metrics: cannot read the pairs' state: %s", describe_db_error(exc))
+            return False
         for r in rows:
             labels = _labels(user=r["user_id"], symbol=r["symbol"])
             if r["last_success_time"] is not None:
@@ -5657,8 +5692,9 @@ class Metrics:
                 values["weex_sync_synced_through_timestamp_seconds"][labels] = (
                     r["synced_through"] / SECOND_MS
                 )
+        return True
 
-    def _previous_counters(self) -> dict[tuple[str, str], float]:
+    def _previous(self) -> dict[tuple[str, str], float]:
         try:
             text = self.path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
@@ -5666,7 +5702,7 @@ class Metrics:
         counters = {}
         for line in text.splitlines():
             match = self.LINE_RE.fullmatch(line)
-            if match and match[1] in self.HELP:
+            if match and (match[1].endswith("_total") or match[1] in self.CARRIED):
                 with contextlib.suppress(ValueError):
                     counters[(match[1], match[2] or "")] = float(match[3])
         return counters
@@ -5679,6 +5715,7 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
     def _replace_file(self, text: str) -> None:
+        tmp = None
         try:
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".weex_sync_metrics.")
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -5687,6 +5724,9 @@ class Metrics:
             os.replace(tmp, self.path)
         except OSError as exc:
             log.error("cannot write the metrics file %s: %s", self.path, exc.strerror)
+            if tmp is not None:  # a full disk, a directory in the way: no temp file left
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
 
 
 def _labels(**labels: str) -> str:

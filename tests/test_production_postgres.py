@@ -1,10 +1,12 @@
-"""Where production PostgreSQL is: a database in another encoding, a clock that stepped, a
-host's addresses, the quarantine's keys (issue: runs where production PostgreSQL is)."""
+"""Where production PostgreSQL is: a database in another encoding, a search_path or a schema
+someone else chose, a clock that stepped, a host's addresses, monitoring while the database is
+down (issue: runs where production PostgreSQL is)."""
 
 from __future__ import annotations
 
 import random
 
+from prometheus_client.parser import text_string_to_metric_families
 from psycopg2 import sql
 from test_hostile import now_ms
 
@@ -163,3 +165,50 @@ def test_database_schema_puts_every_table_there(harness: Harness, sim, pg, scrat
         assert created.scalar("SELECT count(*) FROM weex_data.trade_fills") == 30
     finally:
         created.close()
+
+
+def metric_values(path) -> dict[tuple[str, tuple], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(path.read_text())
+        for s in family.samples
+    }
+
+
+def test_the_metrics_keep_the_pairs_series_when_the_database_is_down(
+    harness: Harness, db: Database, sim, tmp_path
+):
+    """The README's alert (the age of synced_through) must fire exactly when the database is
+    down: the last known series stay, database_up says 0, and no temp file is left."""
+    harness.fleet(2, fills=20, symbols=(BTC,))
+    metrics = tmp_path / "textfile" / "weex_sync.prom"
+    metrics.parent.mkdir()
+    assert harness.run("--metrics-file", str(metrics)) == 0
+    before = metric_values(metrics)
+    through = ("weex_sync_synced_through_timestamp_seconds", (("symbol", BTC), ("user", "user1")))
+    assert before[through] > 0 and before[("weex_sync_database_up", ())] == 1
+
+    harness.database["port"] = 1  # the database is down
+    assert harness.run("--metrics-file", str(metrics)) == 3
+
+    after = metric_values(metrics)
+    assert after[through] == before[through]  # carried: its age grows, the alert fires
+    assert after[("weex_sync_database_up", ())] == 0
+    assert after[("weex_sync_pass_exit_code", ())] == 3
+    success = ("weex_sync_last_pass_success_timestamp_seconds", ())
+    assert after[success] == before[success]  # the last pass that exited 0
+    assert after[("weex_sync_passes_total", ())] == 2
+    assert not list(metrics.parent.glob(".weex_sync_metrics.*"))
+
+
+def test_a_metrics_file_that_cannot_be_written_leaves_no_temp_file(
+    harness: Harness, db: Database, sim, tmp_path
+):
+    harness.fleet(1, fills=5, symbols=(BTC,))
+    metrics = tmp_path / "textfile" / "weex_sync.prom"
+    metrics.mkdir(parents=True)  # a directory in the way: the rename fails, as on a full disk
+
+    assert harness.run("--metrics-file", str(metrics)) == 0
+
+    assert "cannot write the metrics file" in harness.last_log
+    assert not list(metrics.parent.glob(".weex_sync_metrics.*"))
