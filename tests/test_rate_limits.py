@@ -242,3 +242,18 @@ def test_pacing_spreads_a_windows_budget_over_half_the_window_at_least():
     assert in_one_second * 5 <= 2 * 500 / 10 + 5  # twice the average rate, never a burst
     in_one_window = max(sum(1 for t in sent if s <= t < s + LIMIT.window) for s in sent)
     assert in_one_window * 5 <= 500
+
+
+def test_the_budget_file_stays_small_whatever_the_hour_of_traffic():
+    """Sixteen busy addresses for an hour: the file holds each one's window, not its hour (3.1
+    kept an hour of entries per address: past 1 MB with five, then read as empty)."""
+    now, budgets = 1_000_000.0, {f"ip host from 10.0.0.{n}": weex_sync.Budget() for n in range(16)}
+    for step in range(7_200):  # a request every half second on each address
+        for budget in budgets.values():
+            budget.charge(now + step * 0.5, 5, LIMIT, 0.25)
+    text = json.dumps({key: budget.to_json() for key, budget in budgets.items()}).encode()
+
+    assert len(text) < 32_000, len(text)
+    read, discarded = weex_sync.read_budgets(text, now + 3600, 0.25)
+    assert discarded == 0 and read.keys() == budgets.keys()
+    assert all(sum(w for _, w in b.used) <= 5 * 22 for b in read.values())  # a window
