@@ -5141,10 +5141,12 @@ class SyncPass:
         alone until its next try; a re-scan or a dry run (asked for by hand) and new
         credentials try at once."""
         backoff = self.backoffs.get(user.user_id)
+        longest = dt.timedelta(seconds=USER_BACKOFF_CAP_SECONDS)
         if (
             backoff is None
             or backoff.fingerprint != user.fingerprint
             or backoff.next_try <= self.started
+            or backoff.next_try > self.started + longest  # a clock that stepped back since
             or self.ctx.options.repair
             or self.ctx.options.dry_run
         ):

@@ -172,9 +172,14 @@ def test_a_user_whose_credentials_are_refused_is_left_alone_for_a_while(
     assert harness.run("--check") == 1  # --check always asks
     assert requests_of(bad) == 3
 
+    # the database's clock stepped back a day: the wait is never longer than the longest one
+    db.rows("UPDATE sync_backoff SET next_try = now() + interval '1 day'")
+    assert harness.run() == 1
+    assert requests_of(bad) == 4
+
     bad.passphrase = right  # new credentials are tried at once
     assert harness.run() == 0, harness.last_log
-    assert requests_of(bad) == 4
+    assert requests_of(bad) == 5
     assert db.scalar("SELECT count(*) FROM sync_backoff") == 0
 
 
