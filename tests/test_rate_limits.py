@@ -242,7 +242,7 @@ def test_pacing_never_lets_more_than_half_a_windows_budget_leave_in_a_second():
         if wait > 0:
             now += wait
             continue
-        budget.charge(now, 5, LIMIT, 0.25)
+        budget.charge(now, 5, LIMIT, weex_sync.RateLimiter.BUCKET)
         sent.append(now)
     in_one_second = max(sum(1 for t in sent if s <= t < s + 1) for s in sent)
     assert in_one_second * 5 <= 500 / 2 + 5  # 5 x the average rate, never a window at once
@@ -256,10 +256,10 @@ def test_the_budget_file_stays_small_whatever_the_hour_of_traffic():
     now, budgets = 1_000_000.0, {f"ip host from 10.0.0.{n}": weex_sync.Budget() for n in range(16)}
     for step in range(7_200):  # a request every half second on each address
         for budget in budgets.values():
-            budget.charge(now + step * 0.5, 5, LIMIT, 0.25)
+            budget.charge(now + step * 0.5, 5, LIMIT, weex_sync.RateLimiter.BUCKET)
     text = json.dumps({key: budget.to_json() for key, budget in budgets.items()}).encode()
 
     assert len(text) < 32_000, len(text)
-    read, discarded = weex_sync.read_budgets(text, now + 3600, 0.25)
+    read, discarded = weex_sync.read_budgets(text, now + 3600, weex_sync.RateLimiter.BUCKET)
     assert discarded == 0 and read.keys() == budgets.keys()
     assert all(sum(w for _, w in b.used) <= 5 * 22 for b in read.values())  # a window
