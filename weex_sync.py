@@ -4533,6 +4533,7 @@ class Outcome:
     first_rejection: str | None = None
     newest: int | None = None  # the newest stored fill of the pair, once read
     uncommitted: Saved | None = field(default=None, repr=False)  # commits with the status row
+    unstored: int = 0  # fills received whose batch rolled back with a status row (unrecorded)
 
     @property
     def name(self) -> str:
@@ -4540,8 +4541,8 @@ class Outcome:
 
     @property
     def present(self) -> int:
-        """Fills received that were stored already."""
-        return self.fetched - self.inserted - self.quarantined
+        """Fills received that were stored already (not those a rolled-back batch held)."""
+        return self.fetched - self.inserted - self.quarantined - self.unstored
 
     def fail(self, cause: SyncError) -> None:
         self.status, self.error, self.cause = PairStatus.ERROR, str(cause), cause
@@ -4593,8 +4594,9 @@ class Outcome:
 
     def log(self, dry_run: bool) -> None:
         new = "new" if dry_run else "inserted"
+        unstored = f" unstored={self.unstored}" if self.unstored else ""
         counts = (
-            f"fetched={self.fetched} {new}={self.inserted} present={self.present}"
+            f"fetched={self.fetched} {new}={self.inserted} present={self.present}{unstored}"
             f" late={self.late} rejected={self.quarantined} requests={self.requests}"
             f" duration_ms={self.duration_ms}"
         )
@@ -4604,6 +4606,7 @@ class Outcome:
             "fetched": self.fetched,
             "inserted": self.inserted,
             "present": self.present,
+            "unstored": self.unstored,
             "late": self.late,
             "rejected": self.quarantined,
             "requests": self.requests,
@@ -5216,9 +5219,13 @@ class SyncPass:
 def unrecorded(outcome: Outcome, reason: str) -> None:
     """A status row that cannot be written fails its pair, never an ok: the walk's last batch,
     in the same transaction, is gone with it (the next pass reads it again)."""
-    if outcome.uncommitted is not None:
-        outcome.inserted -= outcome.uncommitted.inserted
-        outcome.late -= outcome.uncommitted.late
+    lost = outcome.uncommitted
+    if lost is not None:  # what it inserted or quarantined is not stored, nor was it before
+        outcome.inserted -= lost.inserted
+        outcome.late -= lost.late
+        outcome.quarantined -= len(lost.quarantined)
+        outcome.rejected -= lost.rejected
+        outcome.unstored += lost.inserted + len(lost.quarantined)
         outcome.uncommitted = None
     if outcome.status == PairStatus.ERROR:
         log.error("%s: cannot record sync_status: %s", outcome.name, reason)

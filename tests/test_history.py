@@ -340,6 +340,8 @@ def test_a_status_row_that_cannot_be_written_fails_its_pair_and_stores_nothing_o
 
     assert "user1/cmt_btcusdt: error" in harness.last_log
     assert "cannot record sync_status" in harness.last_log
+    [line] = [x for x in harness.last_log.splitlines() if "user1/cmt_btcusdt: error" in x]
+    assert "fetched=30 inserted=0 present=0 unstored=30" in line  # none is stored
     assert stored_fills(own_db, "user1") == set()  # its one batch went with the status row
     assert own_db.scalar("SELECT count(*) FROM sync_cursor WHERE user_id = 'user1'") == 0
     assert stored_fills(own_db, "user2") == harness.expected(two, BTC)
