@@ -3802,6 +3802,7 @@ def ensure_schema(conn: Conn, partition_fills: str = "none") -> None:
                     cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
                 if partition_fills == "monthly":
                     cur.execute(FILLS_TABLE_SQL.format(partitioning=FILLS_PARTITIONING))
+                    first_fills_partitions(cur, time.time())
                 cur.execute(SCHEMA_SQL)
         finally:
             with conn, conn.cursor() as cur:
@@ -4084,6 +4085,27 @@ def drop_old_status_days(conn: Conn, days: int, now: float) -> None:
 
 def month_start(year: int, month: int) -> dt.datetime:
     return dt.datetime(year + (month - 1) // 12, (month - 1) % 12 + 1, 1, tzinfo=dt.UTC)
+
+
+def first_fills_partitions(cur: psycopg2.extensions.cursor, now: float) -> None:
+    """A new partitioned trade_fills gets its months (FILLS_MONTHS_BACK before this one,
+    FILLS_MONTHS_AHEAD after) and its default partition in the transaction that creates it,
+    under the schema's lock: no pass can insert a fill before its month exists (one that did
+    would land in the default partition, and the month could then never be attached)."""
+    cur.execute("SELECT count(*) FROM pg_inherits WHERE inhparent = 'trade_fills'::regclass")
+    if one_row(cur)[0]:
+        return  # made before
+    today = utc_day(now)
+    for k in range(-FILLS_MONTHS_BACK, FILLS_MONTHS_AHEAD + 1):
+        low = month_start(today.year, today.month + k)
+        high = month_start(today.year, today.month + k + 1)
+        cur.execute(
+            sql.SQL("CREATE TABLE {} PARTITION OF trade_fills FOR VALUES FROM (%s) TO (%s)").format(
+                sql.Identifier(f"trade_fills_p{low:%Y%m}")
+            ),
+            (int(low.timestamp() * 1000), int(high.timestamp() * 1000)),
+        )
+    cur.execute("CREATE TABLE trade_fills_default PARTITION OF trade_fills DEFAULT")
 
 
 def fills_months_ahead(conn: Conn, partition_fills: str, now: float) -> None:
