@@ -553,20 +553,26 @@ def _source_addresses(value: Any) -> tuple[str, ...]:
             address = ipaddress.ip_address(str(item).strip())
         except ValueError:
             raise ConfigError(f"weex.source_address[{i}]: not an IP address") from None
-        problem = _unbindable(address)
-        if problem:
-            raise ConfigError(
-                f"weex.source_address[{i}]: {address} is not an address of this host ({problem})"
-            )
         addresses.append(str(address))
     if len(set(addresses)) < len(addresses):
         raise ConfigError("weex.source_address: an address is listed twice")
     return tuple(addresses)
 
 
+def check_source_addresses(cfg: WeexConfig) -> None:
+    """Each weex.source_address is an address of this host: asked of the kernel before a pass
+    or --check (not --status, which may run on a monitoring host that shares the file), so
+    the error names the setting instead of every request failing to connect."""
+    for i, text in enumerate(cfg.source_addresses):
+        problem = _unbindable(ipaddress.ip_address(text))
+        if problem:
+            raise ConfigError(
+                f"weex.source_address[{i}]: {text} is not an address of this host ({problem})"
+            )
+
+
 def _unbindable(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-    """Why requests could not leave from ``address`` (None: they can): asked of the kernel
-    now, so the error names the setting instead of every request failing to connect."""
+    """Why requests could not leave from ``address`` (None: they can)."""
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -876,20 +882,24 @@ def secret_forms(secret: str) -> set[str]:
 class Redactor:
     """Replaces every configured secret, in every form it can take (secret_forms), with '***'.
 
-    A line costs the same however many users there are: the forms are indexed by their first
-    WINDOW characters, and a line is first cut into its windows (a set, in C) to see which
-    forms could be in it at all, which is almost always none; only then is it searched for
-    those (one alternation of every user's secrets made each line cost O(users)). Forms
-    shorter than a window are few (a short database password): one small alternation."""
+    A few users' forms are one alternation, longest first. A fleet's would make every line cost
+    O(users) (10,000 users: 11 ms a line), so past ALTERNATION_LIMIT forms they are indexed by
+    their first WINDOW characters, and a line is first cut into its windows (one set) to see
+    which forms could be in it at all, almost always none; only then is it searched for those.
+    Forms shorter than a window are few (a short database password): one small alternation."""
 
     WINDOW = 8
+    ALTERNATION_LIMIT = 256
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         forms = {form for s in secrets if s for form in secret_forms(s)}
-        short = sorted((f for f in forms if len(f) < self.WINDOW), key=len, reverse=True)
+        indexed = set() if len(forms) <= self.ALTERNATION_LIMIT else forms
+        short = sorted(
+            (f for f in forms if f not in indexed or len(f) < self.WINDOW), key=len, reverse=True
+        )
         self._short = re.compile("|".join(map(re.escape, short))) if short else None
         self._by_window: dict[str, list[str]] = {}
-        for form in forms - set(short):
+        for form in indexed - set(short):
             self._by_window.setdefault(form[: self.WINDOW], []).append(form)
 
     def __call__(self, text: str) -> str:
@@ -932,9 +942,11 @@ class JsonFormatter(RedactingFormatter):
         "fetched",
         "inserted",
         "present",
+        "unstored",
         "late",
         "rejected",
         "requests",
+        "refused",
         "duration_ms",
         "success_count",
         "error_count",
@@ -1110,8 +1122,9 @@ class Rejected(NamedTuple):
         """What makes two rejections one quarantine row: the fill's content, its keys in
         order, never how an answer happened to serialise it (two versions of one fill stay
         two rows: which one is right cannot be told)."""
-        try:
-            content = json.dumps(json.loads(self.raw), sort_keys=True)
+        try:  # numbers as written: 1.10 and 1.1 are two versions
+            parsed = json.loads(self.raw, parse_float=lambda t: {"\0number": t})
+            content = json.dumps(parsed, sort_keys=True)
         except (ValueError, RecursionError):  # cut at REJECTED_RAW_LIMIT: as it is
             content = self.raw
         return hashlib.sha256(content.encode()).hexdigest()[:32]
@@ -3806,7 +3819,7 @@ def ensure_schema(conn: Conn, partition_fills: str = "none") -> None:
                 cur.execute(SCHEMA_SQL)
         finally:
             with conn, conn.cursor() as cur:
-                cur.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK_KEY,))
+                cur.execute("SELECT pg_advisory_unlock(%s)", (_own_key(conn, SCHEMA_LOCK_KEY),))
     except psycopg2.Error as exc:
         raise StorageError(
             f"cannot create or upgrade the schema: {describe_db_error(exc)}"
@@ -3817,12 +3830,16 @@ SCHEMA_LOCK_PATIENCE = 60.0  # how long a pass waits for another one's schema up
 FILLS_PARTITIONING = " PARTITION BY RANGE (trade_time)"
 
 
+def _own_key(conn: Conn, key: int) -> int:
+    return schema_lock_key(key, getattr(conn, "schema", DatabaseConfig.schema))
+
+
 def _schema_lock(conn: Conn) -> bool:
     """The schema's session lock, waited for up to SCHEMA_LOCK_PATIENCE seconds."""
     deadline = time.monotonic() + SCHEMA_LOCK_PATIENCE
     while True:
         with conn, conn.cursor() as cur:
-            cur.execute("SELECT pg_try_advisory_lock(%s)", (SCHEMA_LOCK_KEY,))
+            cur.execute("SELECT pg_try_advisory_lock(%s)", (_own_key(conn, SCHEMA_LOCK_KEY),))
             if one_row(cur)[0]:
                 return True
         if time.monotonic() > deadline:
@@ -3946,7 +3963,7 @@ def maintain_partitions(
     is a WARNING: a pass that then cannot write a status row fails that pair, loudly."""
     now = time.time() if now is None else now
     with conn, conn.cursor() as cur:
-        cur.execute("SELECT pg_try_advisory_lock(%s)", (PARTITION_LOCK_KEY,))
+        cur.execute("SELECT pg_try_advisory_lock(%s)", (_own_key(conn, PARTITION_LOCK_KEY),))
         if not one_row(cur)[0]:
             return
     try:
@@ -3963,7 +3980,7 @@ def maintain_partitions(
                 log.warning("partition maintenance (%s): %s", task.__name__, describe_db_error(exc))
     finally:
         with conn, conn.cursor() as cur:
-            cur.execute("SELECT pg_advisory_unlock(%s)", (PARTITION_LOCK_KEY,))
+            cur.execute("SELECT pg_advisory_unlock(%s)", (_own_key(conn, PARTITION_LOCK_KEY),))
 
 
 def partitions(conn: Conn, table: str) -> dict[str, bool]:
@@ -4092,9 +4109,13 @@ def first_fills_partitions(cur: psycopg2.extensions.cursor, now: float) -> None:
     FILLS_MONTHS_AHEAD after) and its default partition in the transaction that creates it,
     under the schema's lock: no pass can insert a fill before its month exists (one that did
     would land in the default partition, and the month could then never be attached)."""
-    cur.execute("SELECT count(*) FROM pg_inherits WHERE inhparent = 'trade_fills'::regclass")
-    if one_row(cur)[0]:
-        return  # made before
+    cur.execute(
+        "SELECT c.relkind, (SELECT count(*) FROM pg_inherits i WHERE i.inhparent = c.oid)"
+        " FROM pg_class c WHERE c.oid = 'trade_fills'::regclass"
+    )
+    kind, made = one_row(cur)
+    if kind != "p" or made:
+        return  # made before, or a plain table from before the option (fills_months_ahead warns)
     today = utc_day(now)
     for k in range(-FILLS_MONTHS_BACK, FILLS_MONTHS_AHEAD + 1):
         low = month_start(today.year, today.month + k)
@@ -4197,10 +4218,20 @@ def _key32(text: str) -> int:
     )
 
 
-def lock_key(user_id: str, symbol: str) -> int:
-    """A stable signed 64-bit advisory-lock key for one (user, symbol)."""
-    digest = hashlib.blake2b(f"weex_sync\0{user_id}\0{symbol}".encode(), digest_size=8).digest()
+def lock_key(user_id: str, symbol: str, schema: str = DatabaseConfig.schema) -> int:
+    """A stable signed 64-bit advisory-lock key for one (user, symbol) of one schema (the
+    public schema's keys are 3.1's: its processes and 3.2's exclude each other)."""
+    text = f"weex_sync\0{user_id}\0{symbol}" + (f"\0{schema}" if schema != "public" else "")
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
+
+
+def schema_lock_key(key: int, schema: str) -> int:
+    """A lock key of weex_sync's own (the schema's, the partitions') for one schema: two
+    deployments in two schemas of one database never wait for each other."""
+    if schema == DatabaseConfig.schema:
+        return key
+    return key ^ int.from_bytes(hashlib.blake2b(schema.encode(), digest_size=7).digest(), "big")
 
 
 def _columns(rows: Sequence[NamedTuple]) -> dict[str, list]:
@@ -4308,12 +4339,16 @@ class Store:
     def try_lock(self, user_id: str, symbol: str) -> bool:
         """Session-level try-lock: never waits; PostgreSQL drops it if this process dies."""
         with self.transaction() as cur:
-            cur.execute("SELECT pg_try_advisory_lock(%s)", (lock_key(user_id, symbol),))
+            cur.execute(
+                "SELECT pg_try_advisory_lock(%s)", (lock_key(user_id, symbol, self.db.schema),)
+            )
             return bool(one_row(cur)[0])
 
     def unlock(self, user_id: str, symbol: str) -> None:
         with contextlib.suppress(StorageError), self.transaction() as cur:
-            cur.execute("SELECT pg_advisory_unlock(%s)", (lock_key(user_id, symbol),))
+            cur.execute(
+                "SELECT pg_advisory_unlock(%s)", (lock_key(user_id, symbol, self.db.schema),)
+            )
 
     def load_state(self, user_id: str, symbol: str) -> tuple[Cursor | None, int | None]:
         """The pair's cursor and the time of its newest stored fill (what the cursor rule
@@ -4396,7 +4431,8 @@ class Store:
         with self.transaction(hold=batch.done) as cur:
             # One writer of a user's fills at a time: the pair locks are per (user, symbol),
             # and a re-scan of one contract may run beside the user's all-contracts walk.
-            cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (USER_LOCK_CLASS, _key32(user_id)))
+            owner = user_id if self.db.schema == "public" else f"{self.db.schema}\0{user_id}"
+            cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (USER_LOCK_CLASS, _key32(owner)))
             if versions:  # compared with the stored fill if there is one, else all rejected
                 stored = self._stored_keys(cur, user_id, list(versions))
                 for key, served in versions.items():
@@ -5751,7 +5787,11 @@ class Metrics:
         counters = {}
         for line in text.splitlines():
             match = self.LINE_RE.fullmatch(line)
-            if match and (match[1].endswith("_total") or match[1] in self.CARRIED):
+            if (
+                match
+                and match[1] in self.HELP
+                and (match[1].endswith("_total") or match[1] in self.CARRIED)
+            ):
                 with contextlib.suppress(ValueError):
                     counters[(match[1], match[2] or "")] = float(match[3])
         return counters
@@ -6126,6 +6166,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         loop_seconds = loop_interval(args, cfg)
         options = pass_options(args, cfg, loop_seconds)
         max_age = parse_age(args.max_age, "--max-age") if args.max_age is not None else None
+        if not args.status:
+            check_source_addresses(cfg.weex)
         ca_bundle(environ)
     except ConfigError as exc:
         for problem in getattr(exc, "problems", [str(exc)]):

@@ -4,6 +4,7 @@ down (issue: runs where production PostgreSQL is)."""
 
 from __future__ import annotations
 
+import json
 import random
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -253,3 +254,45 @@ def test_four_first_runs_of_a_monthly_table_put_no_fill_in_the_default_partition
             made.rows(f"DROP TABLE {old}")
         finally:
             made.close()
+
+
+def test_monthly_on_a_plain_table_from_before_is_a_warning_not_a_failed_upgrade(
+    harness: Harness, db: Database, sim
+):
+    account = make_account(sim, 1)
+    sim.generate_fills(account.api_key, BTC, 10, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+    harness.accounts = [account]
+    assert harness.run() == 0, harness.last_log  # a plain trade_fills
+    db.rows("UPDATE weex_sync_schema SET version = 4")  # the upgrade runs again
+    harness.database["partition_fills"] = "monthly"
+
+    assert harness.run() == 0, harness.last_log
+
+    assert "trade_fills is not partitioned" in harness.last_log
+    assert stored_fills(db) == harness.expected(account, BTC)
+
+
+def test_a_counter_the_metrics_file_does_not_know_is_dropped(
+    harness: Harness, db: Database, sim, tmp_path
+):
+    """Left by another version of weex_sync: never a crash of every pass."""
+    harness.fleet(1, fills=5, symbols=(BTC,))
+    metrics = tmp_path / "weex_sync.prom"
+    metrics.write_text("weex_sync_something_new_total 3\nweex_sync_passes_total 4\n")
+
+    assert harness.run("--metrics-file", str(metrics)) == 0
+
+    values = metric_values(metrics)
+    assert values[("weex_sync_passes_total", ())] == 5
+    assert not any(name.startswith("weex_sync_something_new") for name, _ in values)
+
+
+def test_the_json_log_carries_refused_and_unstored(harness: Harness, db: Database, sim):
+    harness.fleet(1, fills=5, symbols=(BTC,))
+
+    assert harness.run("--log-format", "json") == 0
+
+    done = [json.loads(x) for x in harness.last_log.splitlines() if '"pass_done"' in x]
+    assert done and done[0]["refused"] == 0
+    synced = [json.loads(x) for x in harness.last_log.splitlines() if '"synced"' in x]
+    assert synced and synced[0]["unstored"] == 0

@@ -345,3 +345,13 @@ def test_env_file_blanks_around_a_line_are_stripped(tmp_path):
     env.write_text("\t PASS_X=value \t\n  \tB='x y'\t\n")
 
     assert weex_sync.read_env_file(str(env)) == {"PASS_X": "value", "B": "x y"}
+
+
+def test_a_quarantine_key_ignores_the_order_of_keys_not_how_a_number_is_written():
+    def key(raw: str) -> str:
+        return weex_sync.Rejected("cmt_btcusdt", "1", "2", 3, "bad", raw).fingerprint
+
+    assert key('{"b": 1, "a": "x"}') == key('{"a": "x", "b": 1}')
+    assert key('{"price": 1.10}') != key('{"price": 1.1}')  # two versions of one fill
+    assert key('{"price": 1.10}') != key('{"price": "1.10"}')
+    assert key('{"cut": "abc') == key('{"cut": "abc')  # not JSON (cut): as it is
