@@ -14,8 +14,9 @@ The file reads top to bottom, each section using only the ones above it:
 3. Logging            -- secrets scrubbed, control characters escaped, text or JSON lines
 4. Fills              -- the two API versions (tables, not branches), an answer's fills
                          validated
-5. WEEX client        -- Stop, the request deadline, signing, the shared rate budget, the
-                         exchange's clock, what an answer means, the one retry layer
+5. WEEX client        -- Stop, the request deadline, signing, the shared rate budget (paced,
+                         its rate learned from refusals), the exchange's clock, what an
+                         answer means, the one retry layer
 6. Paging             -- the cursor rule (plan_walk), the walk over its ranges in whatever
                          order pages come, bursts
 7. Concurrency        -- batched(), prefetch(), the stop signals
