@@ -13,16 +13,13 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_bench import HIGH_LIMITS, PG, PY, ROOT, SimProcess, log, measure, sql
+from run_bench import HIGH_LIMITS, PY, SimProcess, fleet_config, log, measure, programs, sql
 
 
 def users(n: int) -> list[dict]:
@@ -35,25 +32,6 @@ def users(n: int) -> list[dict]:
         }
         for i in range(n)
     ]
-
-
-def config(path: Path, dbname: str, sim: SimProcess, fleet: list[dict]) -> Path:
-    data = {
-        "database": {**PG, "password": "", "dbname": dbname, "sslmode": "disable"},
-        "weex": {
-            "base_url": sim.base_url,
-            "timeout_seconds": 30,
-            "rate_limit": {**HIGH_LIMITS, "shared_file": str(path.with_suffix(".budget"))},
-        },
-        "sync": {
-            "start_time": int(time.time() * 1000) - 3 * 86_400_000,
-            "workers": 8,
-            "min_interval_seconds": 0,
-            "users": fleet,
-        },
-    }
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,18 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="weex_idle_") as tmp:
             work = Path(tmp)
-            programs = [(str(ROOT / "weex_sync.py"), "weex_sync")]
-            if args.baseline:
-                old = work / "baseline_weex_sync.py"
-                shown = ["git", "-C", str(ROOT), "show", f"{args.baseline}:weex_sync.py"]
-                old.write_bytes(subprocess.run(shown, check=True, capture_output=True).stdout)
-                programs.insert(0, (str(old), f"weex_sync {args.baseline}"))
-            for program, label in programs:
+            for program, label in programs(args.baseline, work):
                 for n in sizes:
                     dbname = f"bench_idle_{os.getpid()}_{len(rows)}"
                     sql(f'CREATE DATABASE "{dbname}"')
                     try:
-                        cfg = config(work / f"{dbname}.yaml", dbname, sim, fleet[:n])
+                        cfg = fleet_config(
+                            work / f"{dbname}.yaml", dbname, sim.base_url, fleet[:n], HIGH_LIMITS
+                        )
                         quiet = [] if args.info else ["-q"]
                         cmd = [PY, program, "--once", *quiet, "-c", str(cfg)]
                         log(f"{label}, {n} accounts")

@@ -443,6 +443,39 @@ def sql(statement: str, params: tuple = (), dbname: str = "postgres") -> list:
     return rows
 
 
+def fleet_config(path: Path, dbname: str, base_url: str, users: list, limits: dict) -> Path:
+    """A one-process fleet's config.yaml at ``path`` (its budget file beside it): the
+    scenarios that run weex_sync by hand (strict_exchange.py, idle_cpu.py)."""
+    data = {
+        "database": {**PG, "password": "", "dbname": dbname, "sslmode": "disable"},
+        "weex": {
+            "base_url": base_url,
+            "timeout_seconds": 30,
+            "rate_limit": {**limits, "shared_file": str(path.with_suffix(".budget"))},
+        },
+        "sync": {
+            "start_time": int(time.time() * 1000) - 3 * 86_400_000,
+            "workers": 8,
+            "min_interval_seconds": 0,
+            "users": users,
+        },
+    }
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def programs(baseline: str | None, work: Path) -> list[tuple[str, str]]:
+    """(path, label) of this weex_sync.py and, with ``baseline``, that git revision's first
+    (written into ``work``)."""
+    found = [(str(ROOT / "weex_sync.py"), "weex_sync")]
+    if baseline:
+        old = work / "baseline_weex_sync.py"
+        shown = ["git", "-C", str(ROOT), "show", f"{baseline}:weex_sync.py"]
+        old.write_bytes(subprocess.run(shown, check=True, capture_output=True).stdout)
+        found.insert(0, (str(old), f"weex_sync {baseline}"))
+    return found
+
+
 def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not OVERRIDE_ENV.match(k)}
     return env | {"PYTHONPATH": f"{ROOT}:{ROOT / 'dev'}", **extra}

@@ -29,10 +29,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_bench import PG, PY, RESULTS, ROOT, SimProcess, account, child_env, log, sql
+from run_bench import (
+    HIGH_LIMITS,
+    PY,
+    RESULTS,
+    SimProcess,
+    account,
+    child_env,
+    fleet_config,
+    log,
+    programs,
+    sql,
+)
 
 CASES = {
     "documented": {"ip_limit": [500, 10.0], "burst_limit": None},
@@ -40,7 +49,6 @@ CASES = {
     "half the window": {"ip_limit": [250, 10.0], "burst_limit": None},
 }
 STRICT = {"limit_code": "-1059", "limit_retry_after": False, "penalty_box": [6, 10.0, 60.0]}
-HIGH_LIMITS = {"uid_weight": 1_000_000, "ip_weight": 10_000_000, "window_seconds": 10}
 FILLS_PER_ACCOUNT = 3
 
 
@@ -72,25 +80,6 @@ def least_seconds(case: dict, requests: int) -> float:
     return sent[-1] if sent else 0.0
 
 
-def config(path: Path, dbname: str, sim: SimProcess, users: list, limits: dict) -> Path:
-    data = {
-        "database": {**PG, "password": "", "dbname": dbname, "sslmode": "disable"},
-        "weex": {
-            "base_url": sim.base_url,
-            "timeout_seconds": 30,
-            "rate_limit": {**limits, "shared_file": str(path.with_suffix(".budget"))},
-        },
-        "sync": {
-            "start_time": int(time.time() * 1000) - 3 * 86_400_000,
-            "workers": 8,
-            "min_interval_seconds": 0,
-            "users": users,
-        },
-    }
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
 def one_pass(program: str, cfg: Path) -> tuple[int, float]:
     started = time.monotonic()
     done = subprocess.run(
@@ -113,12 +102,12 @@ def run_case(
     rows = []
     try:
         sim.call({"cmd": "set", "ip_limit": None, "burst_limit": None, "penalty_box": None})
-        warm = config(work / f"{dbname}-warm.yaml", dbname, sim, users, HIGH_LIMITS)
+        warm = fleet_config(work / f"{dbname}-warm.yaml", dbname, sim.base_url, users, HIGH_LIMITS)
         subprocess.run([PY, program, "--once", "-q", "-c", str(warm)], check=True, env=child_env())
         time.sleep(11)  # the warm pass's window is over
         sim.call({"cmd": "set", **CASES[name], **STRICT})
         limits = {"ip_weight": 500, "uid_weight": 500, "window_seconds": 10}
-        cfg = config(work / f"{dbname}.yaml", dbname, sim, users, limits)
+        cfg = fleet_config(work / f"{dbname}.yaml", dbname, sim.base_url, users, limits)
         for n in (1, 2):
             sim.call({"cmd": "reset_stats"})
             code, seconds = one_pass(program, cfg)
@@ -179,19 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="weex_strict_") as tmp:
             work = Path(tmp)
-            programs = [(str(ROOT / "weex_sync.py"), "weex_sync")]
-            if args.baseline:
-                old = work / "baseline_weex_sync.py"
-                old.write_bytes(
-                    subprocess.run(
-                        ["git", "-C", str(ROOT), "show", f"{args.baseline}:weex_sync.py"],
-                        check=True,
-                        capture_output=True,
-                    ).stdout
-                )
-                programs.insert(0, (str(old), f"weex_sync {args.baseline}"))
             for name in args.case or list(CASES):
-                for program, label in programs:
+                for program, label in programs(args.baseline, work):
                     log(f"{name}: {label}")
                     rows += run_case(name, program, label, sim, users, work)
     finally:
