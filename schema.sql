@@ -1,6 +1,7 @@
 -- weex_sync schema (python weex_sync.py --print-schema); weex_sync creates it when missing.
--- sync_status is partitioned by day: a pass creates the partitions it writes to (and drops
--- those older than sync.status_retention_days), so apply this file and then run a pass.
+-- sync_status is partitioned by day: a pass run by the tables' owner makes the partitions
+-- ahead (and drops those older than sync.status_retention_days); days without one go to
+-- sync_status_default. Apply this file as the owner (or run a pass as the owner).
 
 -- One row per fill, exactly as the exchange reported it (raw) plus typed columns.
 CREATE TABLE IF NOT EXISTS trade_fills (
@@ -26,7 +27,8 @@ CREATE INDEX IF NOT EXISTS trade_fills_time_utc ON trade_fills USING brin ((to_t
 
 -- Append-only: one row per (user, symbol) per pass; symbol '*' for sync.symbols: all.
 -- Partitioned by day of last_sync_time (sync_status_pYYYYMMDD; an upgraded table is the
--- partition sync_status_until_YYYYMMDD): retention drops whole days, never deletes rows.
+-- partition sync_status_until_YYYYMMDD): retention drops whole days, and deletes old rows
+-- of sync_status_default in small batches.
 CREATE SEQUENCE IF NOT EXISTS sync_status_id_seq;
 CREATE TABLE IF NOT EXISTS sync_status (
     id              bigint      NOT NULL DEFAULT nextval('sync_status_id_seq'),
@@ -51,6 +53,10 @@ CREATE TABLE IF NOT EXISTS sync_status (
                                             -- exchange, unreachable, rate_limit, database, ...
 ) PARTITION BY RANGE (last_sync_time);
 ALTER SEQUENCE sync_status_id_seq OWNED BY sync_status.id;
+CREATE TABLE IF NOT EXISTS sync_status_default PARTITION OF sync_status DEFAULT;
+CREATE INDEX IF NOT EXISTS sync_status_default_time ON sync_status_default (last_sync_time);
+CREATE INDEX IF NOT EXISTS sync_status_default_pair
+    ON sync_status_default (user_id, symbol, last_sync_time);
 -- The latest status of each pair, and its last success: written with every status row (the
 -- same statement), so --status costs the same however long a pair has failed, and a last
 -- success stays known after retention dropped its row.
@@ -176,4 +182,4 @@ SELECT user_id, symbol, order_id, trade_id,
 -- ever waits for a lock that an analyst's open transaction holds.
 CREATE TABLE IF NOT EXISTS weex_sync_schema (version integer NOT NULL);
 DELETE FROM weex_sync_schema;
-INSERT INTO weex_sync_schema (version) VALUES (5);
+INSERT INTO weex_sync_schema (version) VALUES (6);

@@ -3246,7 +3246,7 @@ def signals_interrupt() -> Iterator[None]:
 # 8. Storage: schema and partitions, locks, claims, the cursor, batches of fills, status rows
 # =============================================================================================
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # The fills table, unpartitioned or (database.partition_fills: monthly) by month of trade_time.
 FILLS_TABLE_SQL = """\
 CREATE TABLE IF NOT EXISTS trade_fills (
@@ -3269,10 +3269,10 @@ CREATE TABLE IF NOT EXISTS trade_fills (
 # pass keeps inserting meanwhile. user_time serves one user's fills over time; the BRIN index
 # (a few dozen KB per million rows: fills arrive roughly in time order) serves time ranges,
 # on trade_time in ms and on the readable view's timestamp.
-FILLS_INDEXES = {
-    "trade_fills_user_time": "ON trade_fills (user_id, trade_time)",
-    "trade_fills_time": "ON trade_fills USING brin (trade_time)",
-    "trade_fills_time_utc": "ON trade_fills USING brin ((to_timestamp(trade_time / 1000.0)))",
+FILLS_INDEXES = {  # name: what follows ON trade_fills
+    "trade_fills_user_time": "(user_id, trade_time)",
+    "trade_fills_time": "USING brin (trade_time)",
+    "trade_fills_time_utc": "USING brin ((to_timestamp(trade_time / 1000.0)))",
 }
 STATUS_TABLE_SQL = """\
 CREATE SEQUENCE IF NOT EXISTS sync_status_id_seq;
@@ -3299,6 +3299,14 @@ CREATE TABLE IF NOT EXISTS sync_status (
                                             -- exchange, unreachable, rate_limit, database, ...
 ) PARTITION BY RANGE (last_sync_time);
 ALTER SEQUENCE sync_status_id_seq OWNED BY sync_status.id;"""
+# Status rows of days without a partition of their own: every row of a role that cannot make
+# partitions (only the documented grants), the odd row of a day maintenance did not reach.
+# Retention deletes its old rows in small batches (delete_old_default_rows).
+STATUS_DEFAULT_SQL = """\
+CREATE TABLE IF NOT EXISTS sync_status_default PARTITION OF sync_status DEFAULT;
+CREATE INDEX IF NOT EXISTS sync_status_default_time ON sync_status_default (last_sync_time);
+CREATE INDEX IF NOT EXISTS sync_status_default_pair
+    ON sync_status_default (user_id, symbol, last_sync_time);"""
 # The columns weex_sync 1.x and 2.x lacked: added to an old table before it becomes the first
 # partition (a partition has exactly the columns of its table).
 STATUS_COLUMNS_SQL = """
@@ -3337,17 +3345,20 @@ SELECT pairs.user_id, pairs.symbol, latest.id, {LATEST_COLUMNS}, success.last_su
 ON CONFLICT (user_id, symbol) DO NOTHING;"""
 SCHEMA_SQL = f"""\
 -- weex_sync schema (python weex_sync.py --print-schema); weex_sync creates it when missing.
--- sync_status is partitioned by day: a pass creates the partitions it writes to (and drops
--- those older than sync.status_retention_days), so apply this file and then run a pass.
+-- sync_status is partitioned by day: a pass run by the tables' owner makes the partitions
+-- ahead (and drops those older than sync.status_retention_days); days without one go to
+-- sync_status_default. Apply this file as the owner (or run a pass as the owner).
 
 -- One row per fill, exactly as the exchange reported it (raw) plus typed columns.
 {FILLS_TABLE_SQL.format(partitioning="")}CREATE INDEX IF NOT EXISTS trade_fills_user_symbol_time
     ON trade_fills (user_id, symbol, trade_time DESC);
-{"".join(f"CREATE INDEX IF NOT EXISTS {name} {how};{chr(10)}" for name, how in FILLS_INDEXES.items())}
+{"".join(f"CREATE INDEX IF NOT EXISTS {name} ON trade_fills {how};{chr(10)}" for name, how in FILLS_INDEXES.items())}
 -- Append-only: one row per (user, symbol) per pass; symbol '*' for sync.symbols: all.
 -- Partitioned by day of last_sync_time (sync_status_pYYYYMMDD; an upgraded table is the
--- partition sync_status_until_YYYYMMDD): retention drops whole days, never deletes rows.
+-- partition sync_status_until_YYYYMMDD): retention drops whole days, and deletes old rows
+-- of sync_status_default in small batches.
 {STATUS_TABLE_SQL}
+{STATUS_DEFAULT_SQL}
 -- The latest status of each pair, and its last success: written with every status row (the
 -- same statement), so --status costs the same however long a pair has failed, and a last
 -- success stays known after retention dropped its row.
@@ -3677,6 +3688,17 @@ def connect(db: DatabaseConfig, dbname: str | None = None) -> Conn:
     return conn
 
 
+def sibling(conn: Conn) -> Conn:
+    """A second connection to conn's database, as conn's role, with conn's schema pinned."""
+    password = conn.info.password
+    dsn = psycopg2.extensions.make_dsn(conn.dsn, password=password) if password else conn.dsn
+    if not isinstance(conn, PinnedConnection):
+        return psycopg2.connect(dsn)
+    other = psycopg2.connect(dsn, connection_factory=PinnedConnection, cursor_factory=PinnedCursor)
+    other.pin_to(conn.schema)
+    return other
+
+
 def describe_db_error(exc: BaseException) -> str:
     """A psycopg2 error as one line: its lines joined, a hint where one helps."""
     text = str(exc).strip() or type(exc).__name__
@@ -3702,7 +3724,14 @@ def open_database(db: DatabaseConfig, create: bool = True) -> Conn:
         raise StorageError(describe_db_error(failure))
     if not exists:
         create_database(db, create)
-    return connect_once_created(db)  # exists: the failure was another, or it was just created
+        return connect_once_created(db, CREATED_PATIENCE)
+    return connect_once_created(db)  # the failure was another, or another process created it
+
+
+# How long the first connection to a database weex_sync just created may take: pgbouncer
+# answers a login that failed (the database was missing) by holding the next ones until its
+# server_login_retry (15 s by default) has passed.
+CREATED_PATIENCE = 40.0
 
 
 def create_database(db: DatabaseConfig, create: bool) -> None:
@@ -3742,14 +3771,15 @@ def create_utf8_database(admin: Conn, dbname: str) -> None:
 
 def connect_once_created(db: DatabaseConfig, patience: float = 10.0) -> Conn:
     """A connection to a database that exists or is being created: while the catalog says it
-    does not (another process's CREATE DATABASE has not committed), wait for it a while."""
+    does not (another process's CREATE DATABASE has not committed), or for ``patience``
+    seconds once this process created it, try again."""
     deadline = time.monotonic() + patience
     while True:
         try:
             return connect(db)
         except psycopg2.OperationalError as exc:
-            # the other's CREATE DATABASE may not have committed yet: wait for it a while
-            if time.monotonic() > deadline or database_exists(db) is not False:
+            waiting = patience == CREATED_PATIENCE or database_exists(db) is False
+            if time.monotonic() > deadline or not waiting:
                 raise StorageError(describe_db_error(exc)) from None
             time.sleep(0.1)
 
@@ -3801,13 +3831,13 @@ def ensure_schema(conn: Conn, partition_fills: str = "none") -> None:
     try:
         if schema_version(conn) >= SCHEMA_VERSION:
             return
-        if not _schema_lock(conn):
-            raise StorageError(
-                "another weex_sync process has been creating or upgrading the schema for "
-                f"{SCHEMA_LOCK_PATIENCE:.0f} s (building indexes on a large table takes "
-                "minutes): this pass did nothing; the next one runs once it is done"
-            )
-        try:
+        with held_lock(conn, SCHEMA_LOCK_KEY, SCHEMA_LOCK_PATIENCE) as locked:
+            if not locked:
+                raise StorageError(
+                    "another weex_sync process has been creating or upgrading the schema for "
+                    f"{SCHEMA_LOCK_PATIENCE:.0f} s (building indexes on a large table takes "
+                    "minutes): this pass did nothing; the next one runs once it is done"
+                )
             if schema_version(conn) >= SCHEMA_VERSION:
                 return
             upgrade_status_table(conn)
@@ -3821,13 +3851,67 @@ def ensure_schema(conn: Conn, partition_fills: str = "none") -> None:
                     cur.execute(FILLS_TABLE_SQL.format(partitioning=FILLS_PARTITIONING))
                     first_fills_partitions(cur, time.time())
                 cur.execute(SCHEMA_SQL)
-        finally:
-            with conn, conn.cursor() as cur:
-                cur.execute("SELECT pg_advisory_unlock(%s)", (_own_key(conn, SCHEMA_LOCK_KEY),))
     except psycopg2.Error as exc:
+        hint = ""
+        if isinstance(exc, psycopg2.errors.InsufficientPrivilege):
+            hint = (
+                f" (weex_sync {__version__} needs schema version {SCHEMA_VERSION}: its owner "
+                "creates or upgrades it, running a pass of this version once; docs/postgres.md)"
+            )
         raise StorageError(
-            f"cannot create or upgrade the schema: {describe_db_error(exc)}"
+            f"cannot create or upgrade the schema: {describe_db_error(exc)}{hint}"
         ) from None
+
+
+# What a pass does to each relation of its schema: the documented grants of a role with least
+# privilege (docs/postgres.md), checked before every pass and by --check.
+REQUIRED_PRIVILEGES = {
+    "trade_fills": ("SELECT", "INSERT"),
+    "rejected_fills": ("SELECT", "INSERT", "UPDATE"),
+    "sync_status": ("SELECT", "INSERT"),
+    "sync_status_default": ("SELECT", "DELETE"),  # retention of its old rows
+    "sync_latest": ("SELECT", "INSERT", "UPDATE"),
+    "sync_cursor": ("SELECT", "INSERT", "UPDATE"),
+    "sync_claims": ("SELECT", "INSERT", "UPDATE"),
+    "sync_backoff": ("SELECT", "INSERT", "UPDATE", "DELETE"),
+    "weex_sync_schema": ("SELECT",),
+    "sync_status_id_seq": ("USAGE",),
+    "rejected_fills_id_seq": ("USAGE",),
+}
+MISSING_PRIVILEGES_SQL = """
+SELECT r.name, r.privilege FROM unnest(%(names)s::text[], %(privileges)s::text[]) AS r(name, privilege)
+ WHERE CASE WHEN r.privilege = 'USAGE' THEN NOT has_sequence_privilege(r.name, 'USAGE')
+            ELSE NOT has_table_privilege(r.name, r.privilege) END
+"""
+
+
+def require_privileges(conn: Conn) -> None:
+    """StorageError naming the first privilege this role lacks, with the GRANT that gives it:
+    one missing grant would otherwise fail every pair of every pass."""
+    schema = getattr(conn, "schema", DatabaseConfig.schema)
+    pairs = [(name, p) for name, privileges in REQUIRED_PRIVILEGES.items() for p in privileges]
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT quote_ident(current_user), quote_ident(%s), has_schema_privilege(%s, 'USAGE')",
+            (schema, schema),
+        )
+        role, quoted, usage = one_row(cur)
+        missing = [] if usage else [("SCHEMA", quoted, "USAGE")]
+        if usage:  # our relations' names need no quotes
+            names = [f"{quoted}.{name}" for name, _ in pairs]
+            cur.execute(
+                MISSING_PRIVILEGES_SQL, {"names": names, "privileges": [p for _, p in pairs]}
+            )
+            missing = [
+                ("SEQUENCE" if p == "USAGE" else "TABLE", name, p) for name, p in cur.fetchall()
+            ]
+    if missing:
+        kind, name, privilege = missing[0]
+        more = f" (and {plural(len(missing) - 1, 'more grant')})" if len(missing) > 1 else ""
+        raise StorageError(
+            f"role {role} lacks {privilege} on {name}{more}: GRANT {privilege} ON {kind} "
+            f"{name} TO {role} (docs/postgres.md lists every grant)"
+        )
 
 
 SCHEMA_LOCK_PATIENCE = 60.0  # how long a pass waits for another one's schema upgrade
@@ -3838,17 +3922,33 @@ def _own_key(conn: Conn, key: int) -> int:
     return schema_lock_key(key, getattr(conn, "schema", DatabaseConfig.schema))
 
 
-def _schema_lock(conn: Conn) -> bool:
-    """The schema's session lock, waited for up to SCHEMA_LOCK_PATIENCE seconds."""
-    deadline = time.monotonic() + SCHEMA_LOCK_PATIENCE
-    while True:
-        with conn, conn.cursor() as cur:
-            cur.execute("SELECT pg_try_advisory_lock(%s)", (_own_key(conn, SCHEMA_LOCK_KEY),))
-            if one_row(cur)[0]:
-                return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
+# The first statement of a transaction that holds an advisory lock while other transactions
+# do the work: pooler-safe (see Store.try_lock), and never ended by a DBA's
+# idle_in_transaction_session_timeout while the work goes on.
+HOLD_LOCK_SQL = (
+    "SET LOCAL idle_in_transaction_session_timeout = 0; SELECT pg_try_advisory_xact_lock(%s)"
+)
+
+
+@contextlib.contextmanager
+def held_lock(conn: Conn, key: int, patience: float = 0.0) -> Iterator[bool]:
+    """Whether weex_sync's lock ``key`` (of conn's schema) is held for the block, waited for up
+    to ``patience`` seconds: held by a transaction on a second connection to conn's database,
+    while ``conn`` commits its steps (an upgrade or partition maintenance is several
+    transactions, some of which cannot run in one)."""
+    holder = sibling(conn)
+    try:
+        deadline = time.monotonic() + patience
+        with holder.cursor() as cur:
+            cur.execute(HOLD_LOCK_SQL, (_own_key(conn, key),))
+            locked = bool(one_row(cur)[0])
+            while not locked and time.monotonic() < deadline:
+                time.sleep(0.2)
+                cur.execute(HOLD_LOCK_SQL, (_own_key(conn, key),))
+                locked = bool(one_row(cur)[0])
+        yield locked
+    finally:
+        holder.close()
 
 
 def relation_kind(conn: Conn, name: str) -> str | None:
@@ -3903,43 +4003,39 @@ def build_new_indexes(conn: Conn) -> None:
     blocking inserts."""
     if relation_kind(conn, "trade_fills") != "r":
         return
+    schema = getattr(conn, "schema", DatabaseConfig.schema)
+    # No transaction to pin the schema in: every name qualified; no session setting either
+    # (a transaction pooler would hand it to another client). A build waits for the open
+    # transactions on trade_fills, and blocks none.
     with autocommit(conn), conn.cursor() as cur:
-        cur.execute("SET lock_timeout = '10min'")  # waits for transactions; blocks none
-        try:
-            for name, how in FILLS_INDEXES.items():
-                cur.execute(
-                    "SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass(%s)",
-                    (name,),
+        for name, how in FILLS_INDEXES.items():
+            index = sql.Identifier(schema, name)
+            cur.execute(
+                "SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass(%s)",
+                (index.as_string(conn),),
+            )
+            row = cur.fetchone()
+            if row is not None and row[0]:
+                continue
+            if row is not None:
+                cur.execute(sql.SQL("DROP INDEX CONCURRENTLY {}").format(index))
+            log.info("building index %s on trade_fills (concurrently)", name)
+            cur.execute(
+                sql.SQL("CREATE INDEX CONCURRENTLY {} ON {} ").format(
+                    sql.Identifier(name), sql.Identifier(schema, "trade_fills")
                 )
-                row = cur.fetchone()
-                if row is not None and row[0]:
-                    continue
-                if row is not None:
-                    cur.execute(sql.SQL("DROP INDEX CONCURRENTLY {}").format(sql.Identifier(name)))
-                log.info("building index %s on trade_fills (concurrently)", name)
-                cur.execute(
-                    sql.SQL("CREATE INDEX CONCURRENTLY {} ").format(sql.Identifier(name))
-                    + sql.SQL(how)
-                )
-        finally:
-            cur.execute("RESET lock_timeout")
+                + sql.SQL(how)
+            )
 
 
 @contextlib.contextmanager
 def autocommit(conn: Conn) -> Iterator[Conn]:
-    """``conn`` in autocommit for statements that cannot run in a transaction block (CREATE
-    INDEX CONCURRENTLY, DETACH ... CONCURRENTLY): weex_sync's schema pinned for the session
-    meanwhile, there being no transaction to pin it in."""
+    """``conn`` in autocommit, for statements that cannot run in a transaction block."""
     before = conn.autocommit
     conn.autocommit = True
-    schema = getattr(conn, "schema", DatabaseConfig.schema)
     try:
-        with conn.cursor() as cur:
-            cur.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
         yield conn
     finally:
-        with contextlib.suppress(psycopg2.Error), conn.cursor() as cur:
-            cur.execute("RESET search_path")
         conn.autocommit = before
 
 
@@ -3950,6 +4046,10 @@ def utc_day(epoch: float) -> dt.datetime:
 
 
 RETENTION_LOCK_TIMEOUT = "2s"  # how long a drop waits for readers of sync_status; then: next pass
+DELETE_OLD_DEFAULT_SQL = """
+DELETE FROM sync_status_default WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM sync_status_default WHERE last_sync_time < %(cutoff)s LIMIT %(rows)s))
+"""
 STATUS_DAYS_AHEAD = 2  # days' partitions made ahead: a pass never writes to a day without one
 FILLS_MONTHS_AHEAD = 2
 FILLS_MONTHS_BACK = 13  # made with the table: the v3 history (365 days) and a month
@@ -3966,25 +4066,46 @@ def maintain_partitions(
     time (a try-lock: the others go on, what they need was made days ahead). A failure here
     is a WARNING: a pass that then cannot write a status row fails that pair, loudly."""
     now = time.time() if now is None else now
-    with conn, conn.cursor() as cur:
-        cur.execute("SELECT pg_try_advisory_lock(%s)", (_own_key(conn, PARTITION_LOCK_KEY),))
-        if not one_row(cur)[0]:
-            return
     try:
-        tasks: list[tuple[Callable[..., None], tuple]] = [
+        with held_lock(conn, PARTITION_LOCK_KEY) as locked:
+            if locked:
+                run_partition_tasks(conn, partition_fills, retention_days, now)
+    except psycopg2.Error as exc:
+        log.warning("partition maintenance: %s", describe_db_error(exc))
+
+
+def run_partition_tasks(conn: Conn, partition_fills: str, retention_days: int, now: float) -> None:
+    """Each task in transactions of its own: one that fails is a WARNING, the others run. The
+    DDL ones need the tables' owner: a role with only the documented grants runs the DELETE
+    of old status rows from sync_status_default, where its status rows land."""
+    tasks: list[tuple[Callable[..., None], tuple]] = [
+        (delete_old_default_rows, (conn, retention_days, now)),
+    ]
+    if owns_tables(conn):
+        tasks += [
             (status_days_ahead, (conn, now)),
             (drop_old_status_days, (conn, retention_days, now)),
             (fills_months_ahead, (conn, partition_fills, now)),
         ]
-        for task, args in tasks:
-            try:
-                task(*args)
-            except psycopg2.Error as exc:
-                conn.rollback()
-                log.warning("partition maintenance (%s): %s", task.__name__, describe_db_error(exc))
-    finally:
-        with conn, conn.cursor() as cur:
-            cur.execute("SELECT pg_advisory_unlock(%s)", (_own_key(conn, PARTITION_LOCK_KEY),))
+    for task, args in tasks:
+        try:
+            task(*args)
+        except psycopg2.Error as exc:
+            conn.rollback()
+            log.warning("partition maintenance (%s): %s", task.__name__, describe_db_error(exc))
+
+
+def owns_tables(conn: Conn) -> bool:
+    """Whether this role may make and drop partitions: it owns the tables (or is a member of
+    their owner) and may create tables in the schema."""
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT pg_has_role(c.relowner, 'USAGE')"
+            " AND has_schema_privilege(c.relnamespace, 'CREATE')"
+            " FROM pg_class c WHERE c.oid = to_regclass('sync_status')"
+        )
+        row = cur.fetchone()
+    return bool(row and row[0])
 
 
 def partitions(conn: Conn, table: str) -> dict[str, bool]:
@@ -4019,6 +4140,8 @@ def status_days_ahead(conn: Conn, now: float) -> None:
         if any((start is None or start <= day) and day < end for start, end in ranges):
             continue
         low = dt.datetime.combine(day, dt.time(), dt.UTC)
+        if in_default_partition(conn, low, low + dt.timedelta(days=1)):
+            continue  # written by a role that cannot make partitions: that day stays there
         attach_partition(
             conn,
             "sync_status",
@@ -4026,6 +4149,18 @@ def status_days_ahead(conn: Conn, now: float) -> None:
             ("last_sync_time", low, low + dt.timedelta(days=1)),
             {"time": "last_sync_time", "pair": "user_id, symbol, last_sync_time"},
         )
+
+
+def in_default_partition(conn: Conn, low: dt.datetime, high: dt.datetime) -> bool:
+    """Whether sync_status_default holds status rows of [low, high): then no partition of
+    that range can be attached (PostgreSQL refuses, the rows being in the default)."""
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT EXISTS (SELECT 1 FROM sync_status_default"
+            " WHERE last_sync_time >= %s AND last_sync_time < %s)",
+            (low, high),
+        )
+        return bool(one_row(cur)[0])
 
 
 def attach_partition(
@@ -4069,39 +4204,52 @@ def attach_partition(
 
 def drop_old_status_days(conn: Conn, days: int, now: float) -> None:
     """Drop the partitions of sync_status whose last day is older than
-    sync.status_retention_days: DETACH ... CONCURRENTLY (readers and writers go on; a detach
-    cut short is finished by the next pass), then DROP TABLE of what is no longer a partition."""
+    sync.status_retention_days, one per transaction. DROP locks sync_status for a moment: it
+    waits for open readers at most RETENTION_LOCK_TIMEOUT (those who queue behind it wait as
+    long), then leaves the partition to a later pass. (DETACH ... CONCURRENTLY would lock no
+    one, but PostgreSQL refuses it on a table with a default partition.)"""
     if not days:
         return
     cutoff = utc_day(now).date() - dt.timedelta(days=days)
-    pending = partitions(conn, "sync_status")
-    old = [name for name, (_, end) in status_day_ranges(pending).items() if end <= cutoff]
-    for name in sorted(old, key=lambda n: not pending[n]):  # one detach may be pending at once
-        table = sql.Identifier(name)
-        with autocommit(conn), conn.cursor() as cur:
-            cur.execute("SET lock_timeout = %s", (RETENTION_LOCK_TIMEOUT,))  # it can wait a day
-            try:
-                how = "FINALIZE" if pending[name] else "CONCURRENTLY"
-                cur.execute(
-                    sql.SQL("ALTER TABLE sync_status DETACH PARTITION {} " + how).format(table)
-                )
-                cur.execute(sql.SQL("DROP TABLE {}").format(table))
-            except psycopg2.errors.LockNotAvailable:
-                log.warning(
-                    "partition maintenance: %s is not dropped yet: a transaction reading "
-                    "sync_status was open for over %s; a later pass finishes it",
-                    name,
-                    RETENTION_LOCK_TIMEOUT,
-                )
-                return
-            finally:
-                cur.execute("RESET lock_timeout")
+    old = [name for name, (_, end) in status_day_ranges(partitions(conn, "sync_status")).items()
+           if end <= cutoff]  # fmt: skip
+    for name in sorted(old):
+        try:
+            with conn, conn.cursor() as cur:
+                cur.execute("SET LOCAL lock_timeout = %s", (RETENTION_LOCK_TIMEOUT,))
+                cur.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))
+        except psycopg2.errors.LockNotAvailable:
+            log.warning(
+                "partition maintenance: %s is not dropped yet: a transaction reading "
+                "sync_status was open for over %s; a later pass drops it",
+                name,
+                RETENTION_LOCK_TIMEOUT,
+            )
+            return
         log.info(
             "dropped %s: status rows older than %s (sync.status_retention_days)",
             name,
             plural(days, "day"),
             extra={"event": "status_retention"},
         )
+
+
+RETENTION_BATCH_ROWS = 5_000  # status rows deleted per transaction from sync_status_default
+RETENTION_BATCHES = 200  # per pass at most: the next pass goes on
+
+
+def delete_old_default_rows(conn: Conn, days: int, now: float) -> None:
+    """Status rows older than sync.status_retention_days deleted from sync_status_default (the
+    status rows of days without a partition: a role that cannot make partitions writes all
+    its rows there), in small batches, each its own transaction, so no lock is held long."""
+    if not days:
+        return
+    cutoff = utc_day(now) - dt.timedelta(days=days)
+    for _ in range(RETENTION_BATCHES):
+        with conn, conn.cursor() as cur:
+            cur.execute(DELETE_OLD_DEFAULT_SQL, {"cutoff": cutoff, "rows": RETENTION_BATCH_ROWS})
+            if cur.rowcount < RETENTION_BATCH_ROWS:
+                return
 
 
 def month_start(year: int, month: int) -> dt.datetime:
@@ -4176,6 +4324,7 @@ def prepare_database(cfg: Config) -> Conn:
     try:
         require_utf8(conn)
         ensure_schema(conn, db.partition_fills)
+        require_privileges(conn)
         maintain_partitions(conn, db.partition_fills, cfg.sync.status_retention_days)
     except StorageError as exc:
         conn.close()
@@ -4301,13 +4450,14 @@ def _distinct_rejected(rejected: list[Rejected]) -> list[Rejected]:
 
 
 class Store:
-    """One PostgreSQL connection and every statement a pass runs on it. Each psycopg2 error
-    leaves as StorageError and drops the connection, so the next call reconnects (the pair's
-    advisory lock dies with the old session, as it should)."""
+    """The PostgreSQL connections of one worker and every statement a pass runs on them. Each
+    psycopg2 error leaves as StorageError and drops the connection, so the next call
+    reconnects (a pair lock dies with its transaction, as it should)."""
 
     def __init__(self, db: DatabaseConfig) -> None:
         self.db = db
         self._conn: Conn | None = None
+        self._locks: Conn | None = None  # holds the pair lock's transaction (see try_lock)
         self.held = False  # a transaction() left open to be committed by the next one
 
     @contextlib.contextmanager
@@ -4335,24 +4485,33 @@ class Store:
 
     def close(self) -> None:
         self.held = False
-        if self._conn is not None:
-            with contextlib.suppress(psycopg2.Error):
-                self._conn.close()
-            self._conn = None
+        for conn in (self._conn, self._locks):
+            if conn is not None:
+                with contextlib.suppress(psycopg2.Error):
+                    conn.close()
+        self._conn = self._locks = None
 
     def try_lock(self, user_id: str, symbol: str) -> bool:
-        """Session-level try-lock: never waits; PostgreSQL drops it if this process dies."""
-        with self.transaction() as cur:
-            cur.execute(
-                "SELECT pg_try_advisory_lock(%s)", (lock_key(user_id, symbol, self.db.schema),)
-            )
-            return bool(one_row(cur)[0])
+        """The pair's lock, if no one holds it (never waits): a transaction-level advisory lock
+        in a transaction of a connection of its own, open until unlock(). A transaction
+        pooler (pgbouncer) keeps that client on one server connection while it is open, and
+        PostgreSQL drops the lock if this process dies: no session state that could outlive
+        it. Called again while not got, it tries again in the same transaction."""
+        try:
+            if self._locks is None or self._locks.closed:
+                self._locks = connect(self.db)
+            with self._locks.cursor() as cur:
+                cur.execute(HOLD_LOCK_SQL, (lock_key(user_id, symbol, self.db.schema),))
+                return bool(one_row(cur)[0])
+        except psycopg2.Error as exc:
+            self.close()
+            raise StorageError(f"database error: {describe_db_error(exc)}") from None
 
-    def unlock(self, user_id: str, symbol: str) -> None:
-        with contextlib.suppress(StorageError), self.transaction() as cur:
-            cur.execute(
-                "SELECT pg_advisory_unlock(%s)", (lock_key(user_id, symbol, self.db.schema),)
-            )
+    def unlock(self) -> None:
+        """Ends the lock transaction: the pair's lock (if got) is released."""
+        if self._locks is not None:
+            with contextlib.suppress(psycopg2.Error):
+                self._locks.rollback()
 
     def load_state(self, user_id: str, symbol: str) -> tuple[Cursor | None, int | None]:
         """The pair's cursor and the time of its newest stored fill (what the cursor rule
@@ -4824,8 +4983,7 @@ def pair_lock(store: Store, outcome: Outcome, ctx: PassContext) -> Iterator[bool
     try:
         yield locked
     finally:
-        if locked:
-            store.unlock(outcome.user_id, outcome.symbol)
+        store.unlock()
 
 
 def walk_and_store(

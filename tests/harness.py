@@ -15,8 +15,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -111,6 +114,70 @@ def pg() -> dict:
         )
     except RuntimeError as exc:
         pytest.exit(f"no PostgreSQL for the tests: {exc}", returncode=1)
+
+
+PGBOUNCER_USERS = ("postgres", "root", "weex_app")  # weex_app: the least-privilege role
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg: dict) -> Iterator[dict]:
+    """Connection keywords of a real pgbouncer (Debian's package) in transaction pooling mode
+    in front of the test server, on a free loopback port, for this test run. Missing, it
+    fails the run saying how to install it (.ci/run does); it never skips. Its
+    server_login_retry is 3 s, not 15, for time's sake (a database weex_sync creates through
+    pgbouncer waits for it: CREATED_PATIENCE)."""
+    binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    if not os.access(binary, os.X_OK):
+        pytest.exit("no pgbouncer for the tests: apt-get install pgbouncer (.ci/run does)", 1)
+    home = Path(tempfile.mkdtemp(prefix="weex_sync_pgbouncer_"))
+    home.chmod(0o777)  # pgbouncer refuses to run as root: as root, it runs as postgres
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    users = "".join(f'"{name}" ""\n' for name in PGBOUNCER_USERS)
+    (home / "users.txt").write_text(users, encoding="utf-8")
+    (home / "pgbouncer.ini").write_text(
+        f"""[databases]
+* = host={pg["host"]} port={pg["port"]}
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {home}/users.txt
+pool_mode = transaction
+default_pool_size = 20
+max_client_conn = 500
+logfile = {home}/pgbouncer.log
+pidfile = {home}/pgbouncer.pid
+server_login_retry = 3
+""",
+        encoding="utf-8",
+    )
+    for path in home.iterdir():
+        path.chmod(0o644)
+    run_as = ["-u", "postgres"] if os.geteuid() == 0 else []
+    process = subprocess.Popen(
+        [binary, *run_as, str(home / "pgbouncer.ini")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    keywords = {**pg, "port": port}
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            psycopg2.connect(dbname="postgres", connect_timeout=2, **keywords).close()
+            break
+        except psycopg2.OperationalError as exc:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                _, err = process.communicate()
+                pytest.exit(f"pgbouncer did not start: {err.decode()[-500:]} {exc}", 1)
+            time.sleep(0.1)
+    yield keywords
+    process.terminate()
+    process.wait(timeout=10)
+    shutil.rmtree(home, ignore_errors=True)
 
 
 def admin_connection(pg: dict) -> psycopg2.extensions.connection:

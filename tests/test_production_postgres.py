@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg2 import sql
@@ -15,6 +16,7 @@ import weex_sync
 from harness import (
     BTC,
     DAY_MS,
+    ETH,
     START_MS,
     Database,
     Harness,
@@ -22,6 +24,7 @@ from harness import (
     finish,
     make_account,
     stored_fills,
+    wait_for,
 )
 
 
@@ -296,3 +299,223 @@ def test_the_json_log_carries_refused_and_unstored(harness: Harness, db: Databas
     assert done and done[0]["refused"] == 0
     synced = [json.loads(x) for x in harness.last_log.splitlines() if '"synced"' in x]
     assert synced and synced[0]["unstored"] == 0
+
+
+# --- pgbouncer in transaction pooling mode ---------------------------------------------------
+
+
+def advisory_locks(db: Database) -> int:
+    return db.scalar(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+
+
+def test_passes_through_pgbouncer_in_transaction_mode_skip_nothing_and_leave_no_lock(
+    harness: Harness, sim, pg: dict, pgbouncer: dict, scratch_db_names: list[str]
+):
+    """3.1 behind pgbouncer (transaction pooling) skipped about 40 % of its pair-passes as
+    "another weex_sync process is syncing it" (session locks taken and released on different
+    server connections stayed held) and failed to start on the ``options`` startup parameter.
+    Here: a new database and its schema made through pgbouncer, then passes in a row, each
+    with new fills; none skips a pair, every fill is stored once, no lock is left held."""
+    name = f"weex_sync_pooled_{random.randrange(10**9)}"
+    scratch_db_names.append(name)
+    accounts = harness.fleet(6, fills=150)
+    harness.database.update(dbname=name, port=pgbouncer["port"])
+    harness.sync["workers"] = 3
+
+    for round_ in range(5):
+        assert harness.run() == 0, harness.last_log
+        assert "skipped, another" not in harness.last_log, harness.last_log
+        assert " 0 skipped" in harness.last_log
+        for account in accounts:
+            sim.generate_fills(
+                account.api_key, BTC, 7, start_ms=now_ms() - 60_000, end_ms=now_ms() - 1_000
+            )
+    assert harness.run() == 0, harness.last_log
+
+    pooled = Database(pg, name)  # read directly, not through the pooler
+    try:
+        for account in accounts:
+            assert stored_fills(pooled, account.user_id) == harness.expected(account, BTC, ETH)
+        total = sum(len(harness.served(a, BTC, ETH)) for a in accounts)
+        assert pooled.scalar("SELECT sum(records_count) FROM sync_status") == total
+        assert pooled.scalar("SELECT count(*) FROM sync_status WHERE status = 'error'") == 0
+        assert pooled.scalar("SELECT count(*) FROM sync_status") == 6 * 12
+        assert advisory_locks(pooled) == 0
+    finally:
+        pooled.close()
+
+
+def test_kill_9_behind_pgbouncer_frees_the_pairs_and_two_passes_at_once_store_each_fill_once(
+    harness: Harness, db: Database, sim, pgbouncer: dict
+):
+    """A pass killed mid-backfill behind pgbouncer: its pair locks end with its transactions
+    (pgbouncer drops a server connection whose client vanished inside one), so the next pass
+    syncs every pair at once. Then two passes started together through pgbouncer: one syncs a
+    pair, the other skips it or finds nothing new; every fill stored once."""
+    accounts = harness.fleet(3, fills=3_000)
+    sim.latency = 0.003
+    harness.database["port"] = pgbouncer["port"]
+
+    process = harness.popen("--once")
+    wait_for(lambda: db.scalar("SELECT count(*) FROM trade_fills") >= 1_500)
+    process.kill()
+    finish(process)
+    wait_for(lambda: advisory_locks(db) == 0, timeout=10)
+
+    sim.latency = 0.001
+    first, second = harness.popen("--once"), harness.popen("--once")
+    results = [finish(first), finish(second)]
+
+    assert [code for code, _ in results] == [0, 0], results
+    for account in accounts:
+        assert stored_fills(db, account.user_id) == harness.expected(account, BTC, ETH)
+    assert db.scalar("SELECT count(*) FROM trade_fills") == 3 * 2 * 3_000
+    assert db.scalar("SELECT count(*) FROM sync_status WHERE status = 'error'") == 0
+    assert advisory_locks(db) == 0
+
+
+def test_a_rescan_behind_pgbouncer_waits_for_the_pair_a_pass_holds(
+    harness: Harness, db: Database, sim, pgbouncer: dict
+):
+    """--since --lock-wait through pgbouncer: it waits for the pair a running pass holds
+    (the lock is a transaction's, on the pass's server connection), then re-scans."""
+    account = make_account(sim, 1)
+    sim.generate_fills(account.api_key, BTC, 4_000, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+    sim.latency = 0.004
+    harness.accounts = [account]
+    harness.database["port"] = pgbouncer["port"]
+
+    process = harness.popen("--once")
+    wait_for(lambda: db.scalar("SELECT count(*) FROM trade_fills") >= 300)
+    assert harness.run("--since", str(START_MS), "--lock-wait", "60") == 0, harness.last_log
+    assert "another weex_sync pass is syncing it; waiting up to 60s" in harness.last_log
+    assert finish(process)[0] == 0
+
+    assert stored_fills(db) == harness.expected(account, BTC)
+    assert advisory_locks(db) == 0
+
+
+# --- a role with only the documented grants --------------------------------------------------
+
+# docs/postgres.md, "A role with least privilege": what the DBA runs, word for word (the
+# schema weex is the deployment's database.schema).
+DOCUMENTED_GRANTS = """
+GRANT USAGE ON SCHEMA weex TO weex_app;
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA weex TO weex_app;
+GRANT USAGE ON ALL SEQUENCES IN SCHEMA weex TO weex_app;
+"""
+
+
+def least_privilege_database(pg: dict, scratch_db_names: list[str]) -> Database:
+    """A database whose schema ``weex`` the owner (postgres) made with --print-schema, and the
+    role weex_app (LOGIN, nothing else) granted DOCUMENTED_GRANTS."""
+    conn = admin_connection(pg)
+    with conn.cursor() as cur:
+        cur.execute(
+            "DO $$ BEGIN CREATE ROLE weex_app LOGIN; EXCEPTION"
+            " WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+        )
+    conn.close()
+    name = f"weex_sync_app_{random.randrange(10**9)}"
+    scratch_db_names.append(name)
+    conn = admin_connection(pg)
+    weex_sync.create_utf8_database(conn, name)
+    conn.close()
+    owner = Database(pg, name)
+    owner.rows("CREATE SCHEMA weex")
+    owner.rows("SET search_path = weex")  # for the owner's queries of the test too
+    owner.rows(weex_sync.SCHEMA_SQL)  # what --print-schema prints
+    owner.rows(DOCUMENTED_GRANTS)
+    return owner
+
+
+def test_a_role_with_only_the_documented_grants_syncs_and_keeps_its_status_rows(
+    harness: Harness, sim, pg: dict, scratch_db_names: list[str]
+):
+    """3.1 as such a role failed every pass once the owner's day partitions ran out ("no
+    partition of relation sync_status found for row"), storing nothing. Here its status rows
+    go to sync_status_default, retention deletes the old ones in batches, --check passes,
+    and a missing grant is named (with the GRANT) before anything is synced."""
+    owner = least_privilege_database(pg, scratch_db_names)
+    try:
+        account = make_account(sim, 1)
+        sim.generate_fills(account.api_key, BTC, 40, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+        harness.accounts = [account]
+        harness.database.update(dbname=owner.name, schema="weex", user="weex_app")
+        owner.rows(
+            "INSERT INTO weex.sync_status (pass_id, user_id, symbol, last_sync_time,"
+            " records_count, fetched_count, requests_count, duration_ms, status)"
+            " SELECT 'old', 'user1', 'x', now() - interval '100 days', 0, 0, 0, 0, 'success'"
+            " FROM generate_series(1, 12000)"
+        )
+
+        for _ in range(2):
+            assert harness.run() == 0, harness.last_log
+            assert "WARNING" not in harness.last_log, harness.last_log
+        assert harness.run("--check") == 0, harness.out + harness.last_log
+        assert harness.run("--status") == 0 and "success" in harness.out
+
+        assert stored_fills(owner) == harness.expected(account, BTC)
+        assert owner.scalar("SELECT count(*) FROM weex.sync_status_default") == 2
+        assert owner.scalar("SELECT count(*) FROM weex.sync_status WHERE pass_id = 'old'") == 0
+
+        owner.rows("REVOKE UPDATE ON weex.sync_cursor FROM weex_app")
+        sim.generate_fills(account.api_key, BTC, 5, start_ms=now_ms() - 60_000, end_ms=now_ms())
+        assert harness.run("--check") == 3
+        [line] = [x for x in harness.last_log.splitlines() if "lacks" in x]
+        assert "role weex_app lacks UPDATE on weex.sync_cursor" in line
+        assert "GRANT UPDATE ON TABLE weex.sync_cursor TO weex_app" in line
+        assert harness.run() == 3
+        assert "lacks UPDATE on weex.sync_cursor" in harness.last_log
+        assert owner.scalar("SELECT count(*) FROM weex.trade_fills") == 40  # nothing half-done
+        owner.rows("GRANT UPDATE ON weex.sync_cursor TO weex_app")
+
+        harness.database["user"] = pg["user"]  # the owner's pass makes the days ahead
+        assert harness.run() == 0, harness.last_log
+        assert "WARNING" not in harness.last_log, harness.last_log
+        days = {
+            row[0]
+            for row in owner.rows(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                " WHERE i.inhparent = 'weex.sync_status'::regclass"
+            )
+        }
+        today = weex_sync.utc_day(weex_sync.time.time())
+        tomorrow = today + weex_sync.dt.timedelta(days=1)
+        assert f"sync_status_p{tomorrow:%Y%m%d}" in days
+        assert f"sync_status_p{today:%Y%m%d}" not in days  # today's rows are in the default
+    finally:
+        owner.close()
+
+
+def test_a_pairs_lock_outlasts_a_dbas_idle_in_transaction_timeout(
+    harness: Harness, db: Database, sim
+):
+    """The transaction that holds a pair's lock sits idle while the walk commits on another
+    connection: a database's idle_in_transaction_session_timeout must not end it (the lock
+    would go, and a second pass would sync the pair at the same time)."""
+    account = make_account(sim, 1)
+    sim.generate_fills(account.api_key, BTC, 3_000, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+    sim.latency = 0.05  # 30 pages of 100: a walk of 2 s or more
+    harness.sync["page_size"] = 100
+    harness.accounts = [account]
+    setting = sql.SQL("ALTER DATABASE {} SET idle_in_transaction_session_timeout = {}")
+    db.rows(setting.format(sql.Identifier(db.name), sql.Literal("300ms")).as_string(db.conn))
+    try:
+        process = harness.popen("--once")
+        wait_for(lambda: db.scalar("SELECT count(*) FROM trade_fills") >= 100)
+        time.sleep(0.6)  # twice the timeout into the walk
+        assert harness.run() == 0, harness.last_log
+        assert "skipped, another weex_sync process is syncing it" in harness.last_log
+        code, err = finish(process)
+    finally:
+        db.rows(
+            sql.SQL("ALTER DATABASE {} RESET idle_in_transaction_session_timeout")
+            .format(sql.Identifier(db.name))
+            .as_string(db.conn)
+        )
+    assert code == 0, err
+    assert stored_fills(db) == harness.expected(account, BTC)
