@@ -406,6 +406,8 @@ DOCUMENTED_GRANTS = """
 GRANT USAGE ON SCHEMA weex TO weex_app;
 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA weex TO weex_app;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA weex TO weex_app;
+ALTER DEFAULT PRIVILEGES IN SCHEMA weex GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO weex_app;
+ALTER DEFAULT PRIVILEGES IN SCHEMA weex GRANT USAGE ON SEQUENCES TO weex_app;
 """
 
 
@@ -487,6 +489,19 @@ def test_a_role_with_only_the_documented_grants_syncs_and_keeps_its_status_rows(
         tomorrow = today + weex_sync.dt.timedelta(days=1)
         assert f"sync_status_p{tomorrow:%Y%m%d}" in days
         assert f"sync_status_p{today:%Y%m%d}" not in days  # today's rows are in the default
+
+        # An upgrade by the owner (schema 5 had no default partition): the role's grants
+        # cover the new table (ALTER DEFAULT PRIVILEGES), its passes go on.
+        owner.rows("DROP TABLE sync_status_default")
+        owner.rows("UPDATE weex_sync_schema SET version = 5")
+        harness.database["user"] = "weex_app"
+        assert harness.run() == 3
+        assert "its owner creates or upgrades it" in harness.last_log
+        harness.database["user"] = pg["user"]
+        assert harness.run() == 0, harness.last_log
+        harness.database["user"] = "weex_app"
+        assert harness.run() == 0, harness.last_log
+        assert harness.run("--check") == 0, harness.out + harness.last_log
     finally:
         owner.close()
 
