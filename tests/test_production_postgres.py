@@ -534,3 +534,35 @@ def test_a_pairs_lock_outlasts_a_dbas_idle_in_transaction_timeout(
         )
     assert code == 0, err
     assert stored_fills(db) == harness.expected(account, BTC)
+
+
+def test_a_repeatable_read_default_leaves_no_snapshot_in_an_idle_lock_transaction(
+    harness: Harness, db: Database, sim
+):
+    """A database whose default isolation is REPEATABLE READ: weex_sync's transactions run READ
+    COMMITTED all the same, so the transaction holding a pair's lock keeps no snapshot while
+    it waits (VACUUM and an upgrade's CREATE INDEX CONCURRENTLY would wait for it)."""
+    account = make_account(sim, 1)
+    sim.generate_fills(account.api_key, BTC, 2_000, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+    sim.latency = 0.05
+    harness.sync["page_size"] = 100
+    harness.accounts = [account]
+    setting = sql.SQL("ALTER DATABASE {} SET default_transaction_isolation = 'repeatable read'")
+    db.rows(setting.format(sql.Identifier(db.name)).as_string(db.conn))
+    try:
+        process = harness.popen("--once")
+        wait_for(lambda: db.scalar("SELECT count(*) FROM trade_fills") >= 100)
+        idle = db.rows(
+            "SELECT backend_xmin IS NULL FROM pg_stat_activity WHERE application_name ="
+            " 'weex_sync' AND state = 'idle in transaction' AND datname = current_database()"
+        )
+        code, err = finish(process)
+    finally:
+        db.rows(
+            sql.SQL("ALTER DATABASE {} RESET default_transaction_isolation")
+            .format(sql.Identifier(db.name))
+            .as_string(db.conn)
+        )
+    assert idle and all(row[0] for row in idle), idle  # the lock's transaction, no snapshot
+    assert code == 0, err
+    assert stored_fills(db) == harness.expected(account, BTC)
