@@ -650,9 +650,15 @@ def test_readme_example_queries_run_unchanged(harness: Harness, db: Database, si
     readme = (ROOT / "README.md").read_text()
     queries = re.findall(r"```sql\n(.*?)```", readme, re.DOTALL)
     assert len(queries) >= 6
-    for query in queries:
+    selects = answered = 0
+    for query in queries:  # each runs (an error fails the test)
         for statement in filter(str.strip, query.split(";")):
-            assert db.rows(statement) is not None
+            with db.conn.cursor() as cur:
+                cur.execute(statement)
+                if cur.description is not None:
+                    selects += 1
+                    answered += bool(cur.fetchall())
+    assert selects >= 6 and answered >= selects // 2  # rows on this data (time ranges may not)
 
 
 # --- scale -------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ The file reads top to bottom, each section using only the ones above it:
 7. Concurrency        -- batched(), prefetch(), the stop signals
 8. Storage            -- schema and its upgrade, partitions, locks, claims, the cursor,
                          batches of fills, status rows
-9. The pass           -- sync_pair() per (user, symbol), SyncPass orchestrating a worker pool
+9. The pass           -- PairSync per (user, symbol), SyncPass orchestrating a worker pool
 10. Operator commands -- --check, --status, --metrics-file
 11. Command line      -- argparse, main()
 
@@ -58,7 +58,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from decimal import Context, Decimal
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar
@@ -602,6 +602,11 @@ def _symbols(value: Any, path: str) -> tuple[str, ...]:
     return tuple(symbols)
 
 
+def _setting(raw: dict, name: str, low: int, high: int) -> int:
+    """sync.<name>, a whole number in low..high, its default SyncConfig's (written once)."""
+    return _ranged(raw, "sync", name, int, getattr(SyncConfig, name) or 0, low, high)
+
+
 def _sync_config(raw: dict, weex_raw: dict) -> SyncConfig:
     p = "sync"
     _check_keys(
@@ -612,8 +617,8 @@ def _sync_config(raw: dict, weex_raw: dict) -> SyncConfig:
         | {"reconcile_window_seconds", "min_interval_seconds", "status_retention_days"},
     )
     symbols = _symbols(raw.get("symbols", "all"), "sync.symbols")
-    every = _ranged(raw, p, "reconcile_every_seconds", int, 86_400, 0, 30 * 86_400)
-    window = _ranged(raw, p, "reconcile_window_seconds", int, 172_800, 1, 365 * 86_400)
+    every = _setting(raw, "reconcile_every_seconds", 0, 30 * 86_400)
+    window = _setting(raw, "reconcile_window_seconds", 1, 365 * 86_400)
     if every and window < every:
         raise ConfigError(
             "sync.reconcile_window_seconds: must be at least sync.reconcile_every_seconds "
@@ -624,20 +629,20 @@ def _sync_config(raw: dict, weex_raw: dict) -> SyncConfig:
     else:
         users = (_default_user(weex_raw, symbols),)
     return SyncConfig(
-        interval_seconds=_ranged(raw, p, "interval_seconds", int, 60, 1, 86400),
-        page_size=_ranged(raw, p, "page_size", int, 100, 1, 100),
-        start_time=parse_time(raw.get("start_time", 0), "sync.start_time"),
-        workers=_ranged(raw, p, "workers", int, 8, 1, 64),
-        lookback_seconds=_ranged(raw, p, "lookback_seconds", int, 120, 0, 86400),
+        interval_seconds=_setting(raw, "interval_seconds", 1, 86400),
+        page_size=_setting(raw, "page_size", 1, 100),
+        start_time=parse_time(raw.get("start_time", SyncConfig.start_time), "sync.start_time"),
+        workers=_setting(raw, "workers", 1, 64),
+        lookback_seconds=_setting(raw, "lookback_seconds", 0, 86400),
         reconcile_every_seconds=every,
         reconcile_window_seconds=window,
         min_interval_seconds=(
             None
             if raw.get("min_interval_seconds") is None
-            else _ranged(raw, p, "min_interval_seconds", int, 0, 0, 86400)
+            else _setting(raw, "min_interval_seconds", 0, 86400)
         ),
-        max_seconds=_ranged(raw, p, "max_seconds", int, 0, 0, 86400),
-        status_retention_days=_ranged(raw, p, "status_retention_days", int, 90, 0, 36500),
+        max_seconds=_setting(raw, "max_seconds", 0, 86400),
+        status_retention_days=_setting(raw, "status_retention_days", 0, 36500),
         symbols=symbols,
         users=users,
     )
@@ -1100,8 +1105,18 @@ class Fill(NamedTuple):
     raw: str  # the fill object as JSON text, encoded on the fetching thread
 
     @property
-    def key(self) -> tuple[str, str, int]:
-        """trade_fills' unique key (with user_id)."""
+    def identity(self) -> tuple[str, str]:
+        """Which fill it is (with its user): its order and trade. One fill, one row: one whose
+        identity is stored is never inserted again, whatever its time or contents (another
+        version is a correction, quarantined). trade_fills' UNIQUE constraint adds trade_time
+        only because PostgreSQL requires the partition key in it (partition_fills: monthly);
+        the INSERT enforces the identity (INSERT_FILLS_SQL), and --dry-run counts by it."""
+        return (self.order_id, self.trade_id)
+
+    @property
+    def seen_key(self) -> tuple[str, str, int]:
+        """What a walk remembers of a fill it read at a page's edge: its identity and time,
+        so that a fill served again at another time is read again (and judged on storing)."""
         return (self.order_id, self.trade_id, self.trade_time)
 
     def same_content(self, other: Fill) -> bool:
@@ -1363,7 +1378,7 @@ def _decimal_field(obj: dict, name: str, where: str, positive: bool = False) -> 
 
 def _shown(value: Any) -> str:
     """A value in an error message. Not cut here: the message is cut once it has been scrubbed
-    of secrets (SyncPass._report), so no part of a secret can survive a cut."""
+    of secrets (finish), so no part of a secret can survive a cut."""
     return "missing" if value is None else printable(repr(value))
 
 
@@ -1905,6 +1920,24 @@ class Ticket(NamedTuple):
     paced: bool  # it waited for its turn: the rate was the limit
 
 
+class WallClock:
+    """The time the rate budget is kept in: the machine's clock, which every weex_sync process
+    of the machine shares (the budget file holds its times). Tests of the budget's rules give
+    the limiter a clock of their own that moves only when told to wait."""
+
+    @staticmethod
+    def now() -> float:
+        return time.time()
+
+    @staticmethod
+    def wait(seconds: float, stop: Stop | None) -> bool:
+        """Sleep ``seconds``; True if a stop came first."""
+        if stop is None:
+            time.sleep(seconds)
+            return False
+        return stop.wait(seconds)
+
+
 class RateLimiter:
     """The exchange's budgets: weight per IP (the machine's address) and per account (UID).
 
@@ -1929,8 +1962,15 @@ class RateLimiter:
 
     BUCKET = 0.1  # a paced window ends this much later than exact: 1 % of a 10 s window
 
-    def __init__(self, cfg: RateLimitConfig, ip_key: str, margin: float = LIMIT_MARGIN) -> None:
+    def __init__(
+        self,
+        cfg: RateLimitConfig,
+        ip_key: str,
+        margin: float = LIMIT_MARGIN,
+        clock: WallClock = WallClock(),  # noqa: B008 (stateless)
+    ) -> None:
         self.cfg = cfg
+        self.clock = clock
         window = cfg.window_seconds + margin
         self.ip = Limit.of(cfg.ip_weight, window)
         self.uid = Limit.of(cfg.uid_weight, window)
@@ -1972,7 +2012,7 @@ class RateLimiter:
         paced = False
         while True:
             with self._lock, self._machine_state(stop) as machine:
-                now = time.time()
+                now = self.clock.now()
                 budgets = [(machine.setdefault(self.ip_key, Budget()), self.ip)]
                 if account is not None:
                     budgets.append((self._accounts.setdefault(uid_key, Budget()), self.uid))
@@ -1987,9 +2027,7 @@ class RateLimiter:
                     self._forgot_at = now
             if wait <= 0:
                 return Ticket(now, weight, paced)
-            if stop is None:
-                time.sleep(wait)
-            elif stop.wait(wait):
+            if self.clock.wait(wait, stop):
                 raise Interrupted()
 
     def succeeded(self, ticket: Ticket) -> None:
@@ -2003,12 +2041,12 @@ class RateLimiter:
         with self._lock, self._machine_state(None) as machine:
             self.refusals += 1
             budget = machine.setdefault(self.ip_key, Budget())
-            budget.refused(time.time(), ticket.sent_at, retry_after, self.ip)
+            budget.refused(self.clock.now(), ticket.sent_at, retry_after, self.ip)
             log.debug(
                 "rate limited: %s now %.1f weight/s, paused %.1fs",
                 self.ip_key,
                 budget.pace(self.ip),
-                max(0.0, budget.paused_until - time.time()),
+                max(0.0, budget.paused_until - self.clock.now()),
             )
 
     def flush(self) -> None:
@@ -2065,7 +2103,7 @@ class RateLimiter:
         try:
             budgets = self._read_file(self._fd)
             yield self._with_successes(budgets)
-            now = time.time()
+            now = self.clock.now()
             _forget_idle(budgets, now)
             state = {key: budget.to_json() for key, budget in budgets.items()}
             data = json.dumps(state, separators=(",", ":")).encode()
@@ -2076,7 +2114,7 @@ class RateLimiter:
 
     def _read_file(self, fd: int) -> dict[str, Budget]:
         text = os.pread(fd, BUDGET_FILE_LIMIT + 1, 0)
-        budgets, discarded = read_budgets(text, time.time(), self.BUCKET)
+        budgets, discarded = read_budgets(text, self.clock.now(), self.BUCKET)
         if discarded and not self._warned:
             self._warned = True
             log.warning(
@@ -2772,15 +2810,23 @@ class Cursor:
     last_end: int | None = None
     reconciled_at: int | None = None
 
+    def complete_through(self, lookback_ms: int) -> int:
+        """Up to where the pair is known complete (the status's synced_through, where the
+        cursor rule resumes): before an owed range; else the last walk's end minus the
+        lookback, fills after it may still become visible."""
+        if self.walk_end is not None or self.last_end is None:
+            return self.synced_through
+        return min(self.synced_through, self.last_end - lookback_ms)
+
 
 @dataclass(frozen=True)
 class CursorRule:
     """The settings the cursor rule reads (sync.*), in milliseconds."""
 
-    start_time: int = 0
-    lookback_ms: int = 120 * SECOND_MS
-    reconcile_every_ms: int = DAY_MS  # 0: no reconcile
-    reconcile_window_ms: int = 2 * DAY_MS
+    start_time: int = SyncConfig.start_time
+    lookback_ms: int = SyncConfig.lookback_seconds * SECOND_MS
+    reconcile_every_ms: int = SyncConfig.reconcile_every_seconds * SECOND_MS  # 0: no reconcile
+    reconcile_window_ms: int = SyncConfig.reconcile_window_seconds * SECOND_MS
 
     @classmethod
     def of(cls, sync: SyncConfig) -> CursorRule:
@@ -2824,21 +2870,22 @@ def plan_walk(
     A cursor that owes a range (an interrupted walk) reads it first; the first walk of a pair
     starts at ``start_time``. No start lies before the exchange's horizon (v3: 365 days)."""
     if cursor is None:
-        return _with_horizon(
-            WalkPlan(
-                ((rule.start_time, now),), now, Cursor(rule.start_time), None, True, False, None
-            ),
-            api,
+        first = WalkPlan(
+            ranges=((rule.start_time, now),),
+            end=now,
+            base=Cursor(rule.start_time),
+            late_before=None,
+            reconcile=True,
+            reconcile_due=False,
+            horizon=None,
         )
+        return _with_horizon(first, api)
     newest = rule.start_time if newest_stored is None else max(newest_stored, rule.start_time)
     recent = newest if api.max_span_ms is None else max(newest, now - api.max_span_ms)
     owed: tuple[int, int] | None = None
+    resumed = cursor.complete_through(rule.lookback_ms)
     if cursor.walk_end is not None and cursor.walk_target is not None:
         owed, resumed = (cursor.synced_through, cursor.walk_end), cursor.walk_target
-    elif cursor.last_end is not None:
-        resumed = min(cursor.synced_through, cursor.last_end - rule.lookback_ms)
-    else:
-        resumed = cursor.synced_through
     start = min(resumed, recent)
     window_start = max(now - rule.reconcile_window_ms, rule.start_time)
     last = cursor.reconciled_at  # one in the future: a clock was ahead, reconcile now
@@ -2854,7 +2901,15 @@ def plan_walk(
             ranges = [(min(owed[0], start), now)]
         else:
             ranges = [owed, (start, now)]
-    plan = WalkPlan(tuple(ranges), now, cursor, cursor.last_end, reconcile, due and reconcile, None)
+    plan = WalkPlan(
+        ranges=tuple(ranges),
+        end=now,
+        base=cursor,
+        late_before=cursor.last_end,
+        reconcile=reconcile,
+        reconcile_due=due and reconcile,
+        horizon=None,
+    )
     return _with_horizon(plan, api)
 
 
@@ -2888,6 +2943,20 @@ class Batch(NamedTuple):
     rejected: list[Rejected]
     cursor: Cursor
     done: bool  # the walk is complete
+
+    @property
+    def size(self) -> int:
+        """The fills received, rejected ones included."""
+        return len(self.fills) + len(self.rejected)
+
+
+class BatchWrite(NamedTuple):
+    """A batch and what is written with it, in its transaction."""
+
+    batch: Batch
+    cursor: Cursor | None  # None: the cursor stays (a re-scan)
+    late_before: int | None  # a fill stored at or before this became visible late
+    claim: tuple[str, str] | None  # (claim key, pass id): renewed, while the pass is at work
 
 
 class Side(enum.Enum):
@@ -2954,12 +3023,12 @@ class Walk:
         while todo:
             span = todo.pop()
             answer = self.source.page(self.scope, span.lo, span.hi, self.page_size)
-            new = [f for f in answer.fills if f.key not in span.seen]
+            new = [f for f in answer.fills if f.seen_key not in span.seen]
             rejected = answer.rejected
             self._check(span, answer, todo)
             if answer.full:
                 more, burst, burst_rejected = self._continue(span, answer)
-                new = new if burst is None else [f for f in burst if f.key not in span.seen]
+                new = new if burst is None else [f for f in burst if f.seen_key not in span.seen]
                 rejected = rejected + burst_rejected
                 todo.extend(more)
             rejected = self._first_sight(rejected)
@@ -3023,7 +3092,7 @@ class Walk:
             at: dict[int, set[tuple[str, str, int]]] = {oldest: set(), newest: set()}
             for f in answer.fills:
                 if f.trade_time in at:
-                    at[f.trade_time].add(f.key)
+                    at[f.trade_time].add(f.seen_key)
             below = Span(span.lo, oldest, frozenset(at[oldest]), Side.BELOW, oldest, page)
             above = Span(newest, span.hi, frozenset(at[newest]), Side.ABOVE, newest, page)
         sides = {Side.BELOW: below, Side.ABOVE: above}
@@ -3091,7 +3160,7 @@ def resolve_burst(
         whole = source.page(scope, ms, ms, MAX_PAGE_SIZE)
         if not whole.full:
             return whole.fills, whole.rejected
-    found = {f.key: f for f in whole.fills}
+    found = {f.seen_key: f for f in whole.fills}
     rejected = list(whole.rejected)
     for order_id in sorted({f.order_id for f in whole.fills}):
         per_order = source.page(scope, ms, ms, MAX_PAGE_SIZE, order_id)
@@ -3101,7 +3170,7 @@ def resolve_burst(
                 f"({format_ms(ms)}); the API cannot page within one millisecond, so the sync "
                 "of this symbol stops before it (reported every pass)"
             )
-        found.update((f.key, f) for f in per_order.fills)
+        found.update((f.seen_key, f) for f in per_order.fills)
         rejected += per_order.rejected
     if source.api.has_totals:
         if whole.total is None:
@@ -3315,12 +3384,49 @@ ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS rejected_count integer NOT NULL
 ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS synced_through bigint;
 ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS error_kind text;
 """
-LATEST_FIELDS = (
-    *("pass_id", "last_sync_time", "last_trade_time", "records_count", "fetched_count"),
-    *("requests_count", "duration_ms", "status", "error_message", "late_count"),
-    *("rejected_count", "synced_through", "error_kind"),
-)
+
+
+def column(sql_type: str) -> Any:
+    """A dataclass field that is a table's column of this SQL type."""
+    return field(metadata={"sql": sql_type})
+
+
+@dataclass(frozen=True)
+class StatusRow:
+    """A sync_status row by column name (after id and last_sync_time, which PostgreSQL fills):
+    its INSERT and sync_latest's copy of it are made from these fields."""
+
+    pass_id: str = column("text")
+    user_id: str = column("text")
+    symbol: str = column("text")
+    last_trade_time: int | None = column("bigint")  # None: not read, the latest one stands
+    records_count: int = column("integer")
+    fetched_count: int = column("integer")
+    requests_count: int = column("integer")
+    duration_ms: int = column("integer")
+    status: str = column("text")
+    error_message: str | None = column("text")
+    late_count: int = column("integer")
+    rejected_count: int = column("integer")
+    synced_through: int | None = column("bigint")  # None: not read, the latest one stands
+    error_kind: str | None = column("text")
+
+
+STATUS_FIELDS = tuple(f.name for f in fields(StatusRow))
+CARRIED_FIELDS = ("last_trade_time", "synced_through")  # NULL: the pair's latest value stands
+LATEST_FIELDS = ("pass_id", "last_sync_time", *STATUS_FIELDS[3:])
 LATEST_COLUMNS = ", ".join(LATEST_FIELDS)
+
+
+def _status_value(name: str) -> str:
+    if name not in CARRIED_FIELDS:
+        return f"%({name})s"
+    return (
+        f"coalesce(%({name})s, (SELECT {name} FROM sync_latest"
+        " WHERE user_id = %(user_id)s AND symbol = %(symbol)s))"
+    )
+
+
 # An upgrade from version 3 or older: each pair's latest state from its history, one index
 # probe per pair (the pairs found by a loose index scan), not a sort of every row.
 LATEST_FROM_HISTORY_SQL = f"""\
@@ -3569,14 +3675,13 @@ ON CONFLICT (user_id) DO UPDATE
        error_kind = EXCLUDED.error_kind, error_message = EXCLUDED.error_message
 RETURNING next_try
 """
-SAVE_CURSOR_SQL = """
-INSERT INTO sync_cursor (user_id, symbol, synced_through, walk_end, walk_target, last_end,
-                         reconciled_at)
-VALUES (%s, %s, %s, %s, %s, %s, %s)
+CURSOR_FIELDS = tuple(f.name for f in fields(Cursor))  # sync_cursor's columns, by name
+SAVE_CURSOR_SQL = f"""
+INSERT INTO sync_cursor (user_id, symbol, {", ".join(CURSOR_FIELDS)})
+VALUES (%(user_id)s, %(symbol)s, {", ".join(f"%({name})s" for name in CURSOR_FIELDS)})
 ON CONFLICT (user_id, symbol) DO UPDATE
-   SET synced_through = EXCLUDED.synced_through, walk_end = EXCLUDED.walk_end,
-       walk_target = EXCLUDED.walk_target, last_end = EXCLUDED.last_end,
-       reconciled_at = EXCLUDED.reconciled_at, updated_at = now()
+   SET ({", ".join(CURSOR_FIELDS)}, updated_at) =
+       ({", ".join(f"EXCLUDED.{name}" for name in CURSOR_FIELDS)}, now())
 """
 # The newest stored fill of a scope at or after %(floor)s: the newest known before (fills are
 # never deleted by weex_sync, so it is a lower bound that lets PostgreSQL prune the months of a
@@ -3588,24 +3693,11 @@ NEWEST_FILL_SQL = {
     False: """SELECT max(trade_time) FROM trade_fills
                WHERE user_id = %(user_id)s AND symbol = %(symbol)s AND trade_time >= %(floor)s""",
 }
-# Up to where a pair is known complete, from its cursor ``c``: before an owed range, else
-# the last walk's end minus the lookback (fills after it may still become visible).
-SYNCED_THROUGH_SQL = """CASE WHEN c.walk_end IS NOT NULL OR c.last_end IS NULL THEN c.synced_through
-            ELSE least(c.synced_through, c.last_end - %(lookback_ms)s) END"""
-# A status row and the pair's latest state, in one statement. last_trade_time None: this pass
-# did not read it (it failed before), the latest state's stands.
+# A status row and the pair's latest state, in one statement.
 INSERT_STATUS_SQL = f"""
 WITH row AS (
-    INSERT INTO sync_status (pass_id, user_id, symbol, last_trade_time, records_count,
-                             fetched_count, requests_count, duration_ms, status, error_message,
-                             late_count, rejected_count, synced_through, error_kind)
-    VALUES (%(pass_id)s, %(user_id)s, %(symbol)s,
-            coalesce(%(last_trade_time)s, (SELECT last_trade_time FROM sync_latest
-                                            WHERE user_id = %(user_id)s AND symbol = %(symbol)s)),
-            %(inserted)s, %(fetched)s, %(requests)s, %(duration_ms)s, %(status)s, %(error)s,
-            %(late)s, %(rejected)s,
-            (SELECT {SYNCED_THROUGH_SQL} FROM sync_cursor c
-              WHERE c.user_id = %(user_id)s AND c.symbol = %(symbol)s), %(error_kind)s)
+    INSERT INTO sync_status ({", ".join(STATUS_FIELDS)})
+    VALUES ({", ".join(_status_value(name) for name in STATUS_FIELDS)})
     RETURNING *
 )
 INSERT INTO sync_latest AS l (user_id, symbol, status_id, {LATEST_COLUMNS}, last_success_time)
@@ -4435,7 +4527,7 @@ def _one_version(
     (in two contracts of an ``all`` walk, or corrected while the walk was reading)."""
     by_key: dict[tuple[str, str], list[Fill]] = {}
     for f in fills:
-        served = by_key.setdefault((f.order_id, f.trade_id), [])
+        served = by_key.setdefault(f.identity, [])
         if not any(f.same_content(other) for other in served):
             served.append(f)
     singles = [served[0] for served in by_key.values() if len(served) == 1]
@@ -4483,13 +4575,10 @@ class Store:
         self.db = db
         self._conn: Conn | None = None
         self._locks: Conn | None = None  # holds the pair lock's transaction (see try_lock)
-        self.held = False  # a transaction() left open to be committed by the next one
 
     @contextlib.contextmanager
-    def transaction(self, hold: bool = False) -> Iterator[psycopg2.extensions.cursor]:
-        """A transaction; with ``hold``, left open so that the next one continues it and
-        commits both (a walk's last batch and the pair's status row: one commit per pair). An
-        error rolls back all of it."""
+    def transaction(self) -> Iterator[psycopg2.extensions.cursor]:
+        """A transaction: exactly this block, committed at its end, rolled back by an error."""
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = connect(self.db)
@@ -4498,18 +4587,14 @@ class Store:
                 with conn.cursor() as cur:
                     yield cur
             except BaseException:
-                self.held = False
                 conn.rollback()
                 raise
-            self.held = hold
-            if not hold:
-                conn.commit()
+            conn.commit()
         except psycopg2.Error as exc:
             self.close()
             raise StorageError(f"database error: {describe_db_error(exc)}") from None
 
     def close(self) -> None:
-        self.held = False
         for conn in (self._conn, self._locks):
             if conn is not None:
                 with contextlib.suppress(psycopg2.Error):
@@ -4543,8 +4628,8 @@ class Store:
         reads), in one transaction."""
         with self.transaction() as cur:
             cur.execute(
-                "SELECT synced_through, walk_end, walk_target, last_end, reconciled_at"
-                " FROM sync_cursor WHERE user_id = %s AND symbol = %s",
+                f"SELECT {', '.join(CURSOR_FIELDS)} FROM sync_cursor"
+                " WHERE user_id = %s AND symbol = %s",
                 (user_id, symbol),
             )
             row = cur.fetchone()
@@ -4558,7 +4643,7 @@ class Store:
                 newest = self._newest(cur, user_id, symbol, known[0])
             if newest is None:
                 newest = self._newest(cur, user_id, symbol, MIN_BIGINT)
-        return (Cursor(*row) if row else None), newest
+        return (Cursor(**dict(zip(CURSOR_FIELDS, row, strict=True))) if row else None), newest
 
     @staticmethod
     def _newest(
@@ -4608,63 +4693,60 @@ class Store:
         late_before: int | None,
         claim: tuple[str, str] | None = None,
     ) -> Saved:
-        """Insert the batch's fills, quarantine its rejected ones and the corrections it holds
-        (a fill whose (order, trade) is stored with other contents or another time: the
-        stored row is kept), and move the cursor (unless None), in one transaction -- for the
-        walk's last batch, left open for the status row (record_status commits both)."""
+        """write_batch in a transaction of its own."""
+        with self.transaction() as cur:
+            write = BatchWrite(batch, cursor, late_before, claim)
+            return self.write_batch(cur, user_id, symbol, write)
+
+    def write_batch(
+        self, cur: psycopg2.extensions.cursor, user_id: str, symbol: str, write: BatchWrite
+    ) -> Saved:
+        """In the transaction of ``cur``: insert the batch's fills, quarantine its rejected ones
+        and the corrections it holds (a fill whose (order, trade) is stored with other
+        contents or another time: the stored row is kept), move the cursor (unless None) and
+        renew the pass's claim."""
+        batch, cursor, late_before, claim = write
         fills, versions = _one_version(batch.fills)
         rejected = list(batch.rejected)
         inserted = late = 0
         newest = None
-        with self.transaction(hold=batch.done) as cur:
-            # One writer of a user's fills at a time: the pair locks are per (user, symbol),
-            # and a re-scan of one contract may run beside the user's all-contracts walk.
-            owner = user_id if self.db.schema == "public" else f"{self.db.schema}\0{user_id}"
-            cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (USER_LOCK_CLASS, _key32(owner)))
-            if versions:  # compared with the stored fill if there is one, else all rejected
-                stored = self._stored_keys(cur, user_id, list(versions))
-                for key, served in versions.items():
-                    if key in stored:
-                        fills += served
-                    else:
-                        rejected += [fill_rejected(f, _versions_reason(f, served)) for f in served]
-            ids = self._quarantine(cur, user_id, rejected)  # first: a valid version below resolves
-            if fills:
-                columns = _columns(fills)
+        # One writer of a user's fills at a time: the pair locks are per (user, symbol),
+        # and a re-scan of one contract may run beside the user's all-contracts walk.
+        owner = user_id if self.db.schema == "public" else f"{self.db.schema}\0{user_id}"
+        cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (USER_LOCK_CLASS, _key32(owner)))
+        if versions:  # compared with the stored fill if there is one, else all rejected
+            stored = self._stored_keys(cur, user_id, list(versions))
+            for key, served in versions.items():
+                if key in stored:
+                    fills += served
+                else:
+                    rejected += [fill_rejected(f, _versions_reason(f, served)) for f in served]
+        ids = self._quarantine(cur, user_id, rejected)  # first: a valid version below resolves
+        if fills:
+            columns = _columns(fills)
+            cur.execute(
+                INSERT_FILLS_SQL, {**columns, "user_id": user_id, "late_before": late_before}
+            )
+            inserted, late, _, newest = one_row(cur)
+            if inserted < len(fills):
                 cur.execute(
-                    INSERT_FILLS_SQL, {**columns, "user_id": user_id, "late_before": late_before}
+                    CORRECTIONS_SQL,
+                    {**columns, "user_id": user_id, "n": list(range(len(fills)))},
                 )
-                inserted, late, _, newest = one_row(cur)
-                if inserted < len(fills):
-                    cur.execute(
-                        CORRECTIONS_SQL,
-                        {**columns, "user_id": user_id, "n": list(range(len(fills)))},
-                    )
-                    corrections = [_correction(fills[row[0]], row[1:]) for row in cur.fetchall()]
-                    ids += self._quarantine(cur, user_id, corrections)
-                    rejected += corrections
-            still_open = 0
-            if ids:
-                cur.execute(
-                    "SELECT count(*) FROM rejected_fills WHERE id = ANY(%s) AND resolved_at IS NULL",
-                    (ids,),
-                )
-                still_open = one_row(cur)[0]
-            if cursor is not None:
-                cur.execute(
-                    SAVE_CURSOR_SQL,
-                    (
-                        user_id,
-                        symbol,
-                        cursor.synced_through,
-                        cursor.walk_end,
-                        cursor.walk_target,
-                        cursor.last_end,
-                        cursor.reconciled_at,
-                    ),
-                )
-            if claim is not None:  # the claim of a pass at work does not expire
-                cur.execute(RENEW_CLAIM_SQL, claim)
+                corrections = [_correction(fills[row[0]], row[1:]) for row in cur.fetchall()]
+                ids += self._quarantine(cur, user_id, corrections)
+                rejected += corrections
+        still_open = 0
+        if ids:
+            cur.execute(
+                "SELECT count(*) FROM rejected_fills WHERE id = ANY(%s) AND resolved_at IS NULL",
+                (ids,),
+            )
+            still_open = one_row(cur)[0]
+        if cursor is not None:
+            cur.execute(SAVE_CURSOR_SQL, {"user_id": user_id, "symbol": symbol, **asdict(cursor)})
+        if claim is not None:  # the claim of a pass at work does not expire
+            cur.execute(RENEW_CLAIM_SQL, claim)
         return Saved(inserted, late, still_open, _distinct_rejected(rejected), newest)
 
     @staticmethod
@@ -4691,31 +4773,23 @@ class Store:
         return {(o, t) for o, t in cur.fetchall()}
 
     def count_new(self, user_id: str, fills: list[Fill]) -> int:
-        """How many of these fills are not stored yet (read only, for --dry-run)."""
-        if not fills:
+        """How many of these fills a pass would insert (read only, for --dry-run): those of one
+        version in the batch whose identity is not stored."""
+        singles, _ = _one_version(fills)
+        if not singles:
             return 0
         with self.transaction() as cur:
-            cur.execute(
-                "SELECT count(*) FROM trade_fills WHERE user_id = %s"
-                " AND (order_id, trade_id, trade_time) IN"
-                " (SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[]))",
-                (
-                    user_id,
-                    [f.order_id for f in fills],
-                    [f.trade_id for f in fills],
-                    [f.trade_time for f in fills],
-                ),
-            )
-            return len(fills) - one_row(cur)[0]
+            stored = self._stored_keys(cur, user_id, [f.identity for f in singles])
+        return sum(f.identity not in stored for f in singles)
 
-    def record_status(self, row: dict, lookback_ms: int) -> None:
-        """The pair's status row and latest state; commits a held batch with them."""
-        with self.transaction() as cur:
-            cur.execute(INSERT_STATUS_SQL, {**row, "lookback_ms": lookback_ms})
+    @staticmethod
+    def record_status(cur: psycopg2.extensions.cursor, row: StatusRow) -> None:
+        """The pair's status row and latest state, in the transaction of ``cur``."""
+        cur.execute(INSERT_STATUS_SQL, asdict(row))
 
 
 # =============================================================================================
-# 9. The pass: sync_pair() for one (user, symbol), SyncPass for all of them
+# 9. The pass: PairSync for one (user, symbol), SyncPass for all of them
 # =============================================================================================
 
 STOP_GRACE_SECONDS = 5.0  # after a stop request, requests in flight get this long to finish
@@ -4778,8 +4852,7 @@ class Outcome:
     cause: SyncError | None = field(default=None, repr=False)
     first_rejection: str | None = None
     newest: int | None = None  # the newest stored fill of the pair, once read
-    uncommitted: Saved | None = field(default=None, repr=False)  # commits with the status row
-    unstored: int = 0  # fills received whose batch rolled back with a status row (unrecorded)
+    unstored: int = 0  # fills received in the last batch, rolled back with its status row
 
     @property
     def name(self) -> str:
@@ -4790,8 +4863,61 @@ class Outcome:
         """Fills received that were stored already (not those a rolled-back batch held)."""
         return self.fetched - self.inserted - self.quarantined - self.unstored
 
+    @property
+    def recorded(self) -> bool:
+        """Whether it makes a sync_status row (an interruption is recorded as an error)."""
+        return self.status in (PairStatus.SUCCESS, PairStatus.ERROR, PairStatus.INTERRUPTED)
+
     def fail(self, cause: SyncError) -> None:
         self.status, self.error, self.cause = PairStatus.ERROR, str(cause), cause
+
+    def count(self, saved: Saved, size: int) -> Outcome:
+        """Count a committed batch of ``size`` fills (rejected ones included)."""
+        self.inserted += saved.inserted
+        self.late += saved.late
+        self.note_rejected(saved.quarantined, saved.rejected)
+        self.newest = max_known(self.newest, saved.newest)
+        self.fetched += size
+        return self
+
+    def counted(self, saved: Saved, size: int) -> Outcome:
+        """A copy that counts a batch, to be true once its transaction commits."""
+        return replace(self).count(saved, size)
+
+    def judged(self) -> Outcome:
+        """A walk that succeeded but quarantined fills still open fails its pair (a copy)."""
+        if self.status != PairStatus.SUCCESS or not self.rejected:
+            return self
+        judged = replace(self)
+        judged.fail(
+            BadData(
+                f"{plural(self.rejected, 'fill')} rejected (kept in rejected_fills; the other "
+                f"fills are stored): {self.first_rejection}"
+            )
+        )
+        return judged
+
+    def lost(self, cause: SyncError, unstored: int) -> Outcome:
+        """This outcome, failed by ``cause``, whose last batch of ``unstored`` fills could not
+        be written (a copy)."""
+        failed = replace(self, fetched=self.fetched + unstored, unstored=self.unstored + unstored)
+        failed.fail(cause)
+        return failed
+
+    def unrecorded(self, reason: str, unstored: int) -> Outcome:
+        """This outcome, whose status row (and last batch of ``unstored`` fills) could not be
+        written: an error, never an ok (a copy)."""
+        failed = replace(self, fetched=self.fetched + unstored, unstored=self.unstored + unstored)
+        if self.status == PairStatus.ERROR:
+            log.error("%s: cannot record sync_status: %s", self.name, reason)
+        else:
+            failed.fail(
+                StorageError(
+                    "cannot record sync_status, so the pass's last batch is not stored either "
+                    f"(the next pass reads it again): {reason}"
+                )
+            )
+        return failed
 
     def note_rejected(self, rejected: list[Rejected], still_open: int) -> None:
         """Count fills put in the quarantine, and log the first few of each pass."""
@@ -4807,36 +4933,30 @@ class Outcome:
         if rejected and self.first_rejection is None:
             self.first_rejection = rejected[0].reason
 
-    def status_row(self, pass_id: str) -> dict | None:
-        """The sync_status row; none for a pair skipped or left for the next pass."""
-        if self.status not in (PairStatus.SUCCESS, PairStatus.ERROR, PairStatus.INTERRUPTED):
-            return None
-        error = self.error
-        if self.status == PairStatus.INTERRUPTED:
-            error = "interrupted by a stop signal; the next pass resumes"
-        return {
-            "pass_id": pass_id,
-            "user_id": self.user_id,
-            "symbol": self.symbol,
-            "inserted": self.inserted,
-            "late": self.late,
-            "rejected": self.rejected,
-            "fetched": self.fetched,
-            "requests": self.requests,
-            "duration_ms": self.duration_ms,
-            "status": "success" if self.status == PairStatus.SUCCESS else "error",
-            "last_trade_time": self.newest,
-            "error": error,
-            "error_kind": (
-                None
-                if self.status == PairStatus.SUCCESS
-                else "interrupted"
-                if self.status == PairStatus.INTERRUPTED
-                else self.cause.kind
-                if self.cause
-                else "internal"
+    def status_row(self, pass_id: str, cursor: Cursor | None, lookback_ms: int) -> StatusRow:
+        """Its sync_status row; ``cursor``: the pair's as committed (None: not read this pass,
+        the pair's latest synced_through stands)."""
+        success = self.status == PairStatus.SUCCESS
+        interrupted = self.status == PairStatus.INTERRUPTED
+        kind = self.cause.kind if self.cause else "internal"
+        return StatusRow(
+            pass_id=pass_id,
+            user_id=self.user_id,
+            symbol=self.symbol,
+            last_trade_time=self.newest,
+            records_count=self.inserted,
+            fetched_count=self.fetched,
+            requests_count=self.requests,
+            duration_ms=self.duration_ms,
+            status="success" if success else "error",
+            error_message=(
+                "interrupted by a stop signal; the next pass resumes" if interrupted else self.error
             ),
-        }
+            late_count=self.late,
+            rejected_count=self.rejected,
+            synced_through=cursor.complete_through(lookback_ms) if cursor else None,
+            error_kind=None if success else "interrupted" if interrupted else kind,
+        )
 
     def log(self, dry_run: bool) -> None:
         new = "new" if dry_run else "inserted"
@@ -4945,47 +5065,156 @@ class Worker:
         self.session.close()
 
 
-def sync_pair(
+class PairSync:
+    """One (user, symbol) -- ``scope`` ALL_SYMBOLS: every contract of the account -- end to end,
+    the unit of work of a pass: its lock, its state, the walk's plan (plan_walk, or a --since
+    re-scan's range), each batch committed with its cursor, and the walk's last batch committed
+    with the pair's status row in one ``with store.transaction()`` (finish): a status row
+    never counts fills that are not stored, nor is a last batch stored without its status row.
+    Whatever happens ends up in the Outcome, never in an exception."""
+
+    def __init__(self, ctx: PassContext, worker: Worker, user: UserConfig, scope: str) -> None:
+        self.ctx, self.store = ctx, worker.store
+        self.outcome = Outcome(user.user_id, scope)
+        self.stop = Stop(ctx.stop)
+        patience = max(THROTTLE_PATIENCE_SECONDS, ctx.options.interval)
+        self.client = FillsClient(
+            ctx.cfg.weex,
+            user,
+            worker.session,
+            ctx.clock,
+            ctx.limiter,
+            self.stop,
+            ctx.host,
+            patience,
+        )
+        self.cursor: Cursor | None = None  # the pair's cursor as committed, once read
+        self.last: BatchWrite | None = None  # the walk's last batch: committed by finish()
+
+    def run(self) -> Outcome:
+        outcome, options = self.outcome, self.ctx.options
+        started = time.monotonic()
+        with contextlib.ExitStack() as held:
+            try:
+                if held.enter_context(pair_lock(self.store, outcome, self.ctx)):
+                    self.walk()
+                elif options.repair:
+                    raise ExchangeError(
+                        f"not re-scanned: another weex_sync pass held this pair for "
+                        f"{options.lock_wait:.0f}s; run the re-scan again (--lock-wait N)"
+                    )
+                else:
+                    outcome.status = PairStatus.SKIPPED
+            except Interrupted:
+                outcome.status = PairStatus.INTERRUPTED
+            except SyncError as exc:
+                outcome.fail(exc)
+            except Exception as exc:  # one pair's bug must not stop the pass
+                log.exception("%s: unexpected error", outcome.name)
+                outcome.fail(internal_error(exc))
+            finally:
+                outcome.requests = self.client.requests_made
+                outcome.duration_ms = int((time.monotonic() - started) * 1000)
+            self.outcome = finish(self.ctx, self.store, outcome, self.last, self.cursor)
+        return self.outcome  # (recorded while the pair's lock is held)
+
+    def walk(self) -> None:
+        """Plan the walk and store each batch with its cursor in one transaction, so a pass
+        killed at any moment resumes exactly where its last commit left off. A re-scan
+        (--since) or a dry run never moves the cursor."""
+        ctx, outcome, options, store = self.ctx, self.outcome, self.ctx.options, self.store
+        end = ctx.clock.walk_end()
+        self.cursor, newest = store.load_state(outcome.user_id, outcome.symbol)
+        plan = self.plan(end, newest)
+        log_plan(plan, self.cursor, outcome, self.client.api)
+        moves_cursor = not (options.repair or options.dry_run)
+        claim = (claim_key(self.client.user), ctx.pass_id) if options.claims else None
+        outcome.newest = newest
+        progress = Progress(outcome)
+        walk = Walk(self.client, outcome.symbol, plan, ctx.cfg.sync.page_size)
+        with prefetch(walk.batches(), self.stop, depth=2 * BATCH_PAGES) as prefetched:
+            for batch in batched(prefetched, ctx.stop.is_set):
+                cursor = batch.cursor if moves_cursor else None
+                write = BatchWrite(batch, cursor, plan.late_before, claim)
+                if options.dry_run:
+                    outcome.inserted += store.count_new(outcome.user_id, batch.fills)
+                    outcome.note_rejected(batch.rejected, len(batch.rejected))
+                    outcome.fetched += batch.size
+                elif batch.done:
+                    self.last = write  # committed with the status row
+                elif batch.fills or batch.rejected or (cursor and cursor != self.cursor):
+                    with store.transaction() as cur:
+                        saved = store.write_batch(cur, outcome.user_id, outcome.symbol, write)
+                    outcome.count(saved, batch.size)
+                    self.cursor = cursor or self.cursor
+                else:
+                    outcome.fetched += batch.size
+                progress.update(batch)
+                if ctx.stop.is_set() and not batch.done:
+                    raise Interrupted()
+
+    def plan(self, end: int, newest: int | None) -> WalkPlan:
+        """The cursor rule's walk, or a --since re-scan's range (up to --until)."""
+        options, api = self.ctx.options, self.client.api
+        if not options.repair:
+            return plan_walk(self.cursor, newest, CursorRule.of(self.ctx.cfg.sync), api, end)
+        until = end if options.until is None else min(end, options.until)
+        since = options.since if options.since is not None else until
+        rescan = WalkPlan(
+            ranges=((since, until),),
+            end=until,
+            base=Cursor(since),
+            late_before=None,
+            reconcile=False,
+            reconcile_due=False,
+            horizon=None,
+        )
+        return _with_horizon(rescan, api)
+
+
+def finish(
     ctx: PassContext,
-    worker: Worker,
-    user: UserConfig,
-    scope: str,
-    report: Callable[[Outcome], None],
+    store: Store,
+    outcome: Outcome,
+    last: BatchWrite | None = None,
+    cursor: Cursor | None = None,
 ) -> Outcome:
-    """Sync one (user, symbol) -- ``scope`` ALL_SYMBOLS: every contract of the account -- under
-    its advisory lock, and ``report`` the outcome while still holding it (the walk's last batch
-    commits with the status row). Whatever happens ends up in the Outcome, never in an
-    exception."""
-    outcome = Outcome(user.user_id, scope)
-    started = time.monotonic()
-    stop = Stop(ctx.stop)
-    patience = max(THROTTLE_PATIENCE_SECONDS, ctx.options.interval)
-    client = FillsClient(
-        ctx.cfg.weex, user, worker.session, ctx.clock, ctx.limiter, stop, ctx.host, patience
-    )
-    with contextlib.ExitStack() as held:
-        try:
-            if held.enter_context(pair_lock(worker.store, outcome, ctx)):
-                walk_and_store(ctx, worker.store, client, outcome, stop)
-            elif ctx.options.repair:
-                raise ExchangeError(
-                    f"not re-scanned: another weex_sync pass held this pair for "
-                    f"{ctx.options.lock_wait:.0f}s; run the re-scan again (--lock-wait N)"
-                )
-            else:
-                outcome.status = PairStatus.SKIPPED
-        except Interrupted:
-            outcome.status = PairStatus.INTERRUPTED
-        except SyncError as exc:
-            outcome.fail(exc)
-        except Exception as exc:  # one pair's bug must not stop the pass
-            log.exception("%s: unexpected error", outcome.name)
-            outcome.fail(SyncError(f"internal error: {printable(str(exc) or type(exc).__name__)}"))
-        finally:
-            outcome.requests = client.requests_made
-            outcome.duration_ms = int((time.monotonic() - started) * 1000)
-        report(outcome)
-    return outcome
+    """The pair's status row (none for a pair skipped or left, nor in a dry run) and the walk's
+    ``last`` batch in one transaction, then its log line; the outcome as recorded. It counts
+    the batch once committed. A batch that cannot be written fails the pair, whose status row
+    is then written alone; a status row that cannot be written fails the pair too (never an
+    ok without its row), its batch with it. A batch not written counts as unstored: the next
+    pass reads it again. ``cursor``: the pair's cursor as committed before, if read."""
+    if outcome.error:
+        outcome.error = printable(ctx.redact(outcome.error), ERROR_LIMIT)
+    unstored = last.batch.size if last is not None else 0
+    batch_written = last is None
+    try:
+        if ctx.options.dry_run or not outcome.recorded:
+            done = outcome.judged()
+        else:
+            with store.transaction() as cur:
+                done = outcome
+                if last is not None:
+                    saved = store.write_batch(cur, outcome.user_id, outcome.symbol, last)
+                    done, batch_written = outcome.counted(saved, unstored), True
+                    cursor = last.cursor or cursor
+                done = done.judged()
+                lookback_ms = ctx.cfg.sync.lookback_seconds * SECOND_MS
+                store.record_status(cur, done.status_row(ctx.pass_id, cursor, lookback_ms))
+    except Exception as exc:
+        if not isinstance(exc, SyncError):  # logged with its traceback; the pass goes on
+            log.exception("%s: cannot store its last batch or sync_status", outcome.name)
+        error = exc if isinstance(exc, SyncError) else internal_error(exc)
+        if not batch_written:
+            return finish(ctx, store, outcome.lost(error, unstored), None, cursor)
+        done = outcome.unrecorded(str(error), unstored)
+    done.log(ctx.options.dry_run)
+    return done
+
+
+def internal_error(exc: Exception) -> SyncError:
+    return SyncError(f"internal error: {printable(str(exc) or type(exc).__name__)}")
 
 
 @contextlib.contextmanager
@@ -5009,64 +5238,6 @@ def pair_lock(store: Store, outcome: Outcome, ctx: PassContext) -> Iterator[bool
         yield locked
     finally:
         store.unlock()
-
-
-def walk_and_store(
-    ctx: PassContext, store: Store, client: FillsClient, outcome: Outcome, stop: Stop
-) -> None:
-    """Plan the walk (plan_walk: the cursor rule) and store each batch with its cursor in one
-    transaction, so a pass killed at any moment resumes exactly where its last commit left
-    off. A re-scan (--since) or a dry run never moves the cursor."""
-    sync, options = ctx.cfg.sync, ctx.options
-    end = ctx.clock.walk_end()
-    cursor, newest = store.load_state(outcome.user_id, outcome.symbol)
-    if options.repair:
-        until = end if options.until is None else min(end, options.until)
-        since = options.since if options.since is not None else until
-        plan = _with_horizon(
-            WalkPlan(((since, until),), until, Cursor(since), None, False, False, None),
-            client.api,
-        )
-    else:
-        plan = plan_walk(cursor, newest, CursorRule.of(sync), client.api, end)
-    log_plan(plan, cursor, outcome, client.api)
-    moves_cursor = not (options.repair or options.dry_run)
-    claim = (claim_key(client.user), ctx.pass_id) if options.claims else None
-    stored = cursor
-    outcome.newest = newest
-    progress = Progress(outcome)
-    walk = Walk(client, outcome.symbol, plan, sync.page_size)
-    with prefetch(walk.batches(), stop, depth=2 * BATCH_PAGES) as prefetched:
-        for batch in batched(prefetched, ctx.stop.is_set):
-            if options.dry_run:
-                outcome.inserted += store.count_new(outcome.user_id, batch.fills)
-                outcome.note_rejected(batch.rejected, len(batch.rejected))
-            elif batch.fills or batch.rejected or (moves_cursor and batch.cursor != stored):
-                saved = store.save_batch(
-                    outcome.user_id,
-                    outcome.symbol,
-                    batch,
-                    batch.cursor if moves_cursor else None,
-                    plan.late_before,
-                    claim,
-                )
-                outcome.inserted += saved.inserted
-                outcome.late += saved.late
-                outcome.note_rejected(saved.quarantined, saved.rejected)
-                outcome.newest = max_known(outcome.newest, saved.newest)
-                outcome.uncommitted = saved if store.held else None
-                stored = batch.cursor
-            outcome.fetched += len(batch.fills) + len(batch.rejected)  # counted once stored
-            progress.update(batch)
-            if ctx.stop.is_set() and not batch.done:
-                raise Interrupted()
-    if outcome.rejected:
-        outcome.fail(
-            BadData(
-                f"{plural(outcome.rejected, 'fill')} rejected (kept in rejected_fills; the "
-                f"other fills are stored): {outcome.first_rejection}"
-            )
-        )
 
 
 def log_plan(plan: WalkPlan, cursor: Cursor | None, outcome: Outcome, api: Api) -> None:
@@ -5372,15 +5543,14 @@ class SyncPass:
                 outcome = Outcome(user.user_id, scope)
                 outcome.fail(failed)
             else:
-                outcome = sync_pair(self.ctx, self._worker(), user, scope, self._report)
+                outcome = PairSync(self.ctx, self._worker(), user, scope).run()
                 if isinstance(outcome.cause, ExchangeUnreachable):
                     self.unreachable = self.unreachable or outcome.cause  # every pair waiting
                 elif outcome.cause is not None and outcome.cause.user_wide:
                     user_error = outcome.cause
                 outcomes.append(outcome)
                 continue
-            self._report(outcome)
-            outcomes.append(outcome)
+            outcomes.append(finish(self.ctx, self._worker().store, outcome))
         self._note_refusals(user, outcomes)
         return outcomes
 
@@ -5444,44 +5614,6 @@ class SyncPass:
     def _past_deadline(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
 
-    def _report(self, outcome: Outcome) -> None:
-        """A status row and a log line; a failure to record never stops the pass."""
-        if outcome.error:
-            outcome.error = printable(self.ctx.redact(outcome.error), ERROR_LIMIT)
-        row = None if self.ctx.options.dry_run else outcome.status_row(self.ctx.pass_id)
-        try:
-            if row:
-                lookback_ms = self.cfg.sync.lookback_seconds * SECOND_MS
-                self._worker().store.record_status(row, lookback_ms)
-        except SyncError as exc:
-            unrecorded(outcome, str(exc))
-        except Exception as exc:  # logged with its traceback; the pass goes on
-            log.exception("%s: cannot record sync_status", outcome.name)
-            unrecorded(outcome, f"internal error: {printable(str(exc) or type(exc).__name__)}")
-        outcome.log(self.ctx.options.dry_run)
-
-
-def unrecorded(outcome: Outcome, reason: str) -> None:
-    """A status row that cannot be written fails its pair, never an ok: the walk's last batch,
-    in the same transaction, is gone with it (the next pass reads it again)."""
-    lost = outcome.uncommitted
-    if lost is not None:  # what it inserted or quarantined is not stored, nor was it before
-        outcome.inserted -= lost.inserted
-        outcome.late -= lost.late
-        outcome.quarantined -= len(lost.quarantined)
-        outcome.rejected -= lost.rejected
-        outcome.unstored += lost.inserted + len(lost.quarantined)
-        outcome.uncommitted = None
-    if outcome.status == PairStatus.ERROR:
-        log.error("%s: cannot record sync_status: %s", outcome.name, reason)
-    else:
-        outcome.fail(
-            StorageError(
-                f"cannot record sync_status, so the pass's last batch is not stored either "
-                f"(the next pass reads it again): {reason}"
-            )
-        )
-
 
 def exit_code(outcomes: list[Outcome]) -> int:
     failed = any(o.status == PairStatus.ERROR for o in outcomes)
@@ -5498,8 +5630,8 @@ SELECT pair.user_id, pair.symbol, latest.status, latest.last_sync_time,
        latest.requests_count, latest.late_count, latest.last_trade_time, latest.error_message,
        latest.error_kind, latest.last_success_time,
        now() - latest.last_success_time AS success_age,
-       quarantine.rejected_open, {SYNCED_THROUGH_SQL} AS synced_through,
-       (extract(epoch FROM now()) * 1000)::bigint - ({SYNCED_THROUGH_SQL}) AS behind_ms
+       quarantine.rejected_open, (extract(epoch FROM now()) * 1000)::bigint AS now_ms,
+       {", ".join(f"c.{name} AS cursor_{name}" for name in CURSOR_FIELDS)}
   FROM unnest(%(users)s::text[], %(symbols)s::text[]) WITH ORDINALITY
        AS pair(user_id, symbol, n)
   LEFT JOIN sync_latest latest ON latest.user_id = pair.user_id AND latest.symbol = pair.symbol
@@ -5523,15 +5655,19 @@ def pair_status(conn: Conn, cfg: Config, users: list[UserConfig]) -> list[dict]:
         with conn, conn.cursor(cursor_factory=PinnedDictCursor) as cur:
             cur.execute(
                 PAIR_STATUS_SQL,
-                {
-                    "users": [p[0] for p in pairs],
-                    "symbols": [p[1] for p in pairs],
-                    "lookback_ms": cfg.sync.lookback_seconds * SECOND_MS,
-                },
+                {"users": [p[0] for p in pairs], "symbols": [p[1] for p in pairs]},
             )
-            return [dict(r) for r in cur.fetchall()]
+            rows = [dict(r) for r in cur.fetchall()]
     except psycopg2.Error as exc:
         raise StorageError(describe_db_error(exc)) from None
+    lookback_ms = cfg.sync.lookback_seconds * SECOND_MS
+    for row in rows:
+        state = {name: row.pop(f"cursor_{name}") for name in CURSOR_FIELDS}
+        now_ms = row.pop("now_ms")
+        cursor = Cursor(**state) if state["synced_through"] is not None else None
+        row["synced_through"] = cursor.complete_through(lookback_ms) if cursor else None
+        row["behind_ms"] = now_ms - row["synced_through"] if cursor else None
+    return rows
 
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -6178,25 +6314,30 @@ def pass_options(args: argparse.Namespace, cfg: Config, loop_seconds: int | None
         raise ConfigError("--max-age: only with --status")
     if not 0 <= args.lock_wait <= 86400:
         raise ConfigError("--lock-wait: out of range 0..86400")
-    max_seconds = cfg.sync.max_seconds if args.max_seconds is None else args.max_seconds
-    if not 0 <= max_seconds <= 86400:
-        raise ConfigError("--max-seconds: out of range 0..86400")
-    min_interval = args.min_interval
-    if min_interval is not None and not 0 <= min_interval <= 86400:
-        raise ConfigError("--min-interval: out of range 0..86400")
-    if min_interval is None:
-        min_interval = cfg.sync.min_interval_seconds
-    if min_interval is None:  # a little under the interval passes come at
-        min_interval = (loop_seconds or cfg.sync.interval_seconds) * 5 // 6
+    for flag, value in (("--max-seconds", args.max_seconds), ("--min-interval", args.min_interval)):
+        if value is not None and not 0 <= value <= 86400:
+            raise ConfigError(f"{flag}: out of range 0..86400")
+    interval = first_set(loop_seconds, cfg.sync.interval_seconds)
     return PassOptions(
         dry_run=args.dry_run,
         since=since,
         until=until,
         lock_wait=args.lock_wait,
-        max_seconds=max_seconds,
-        min_interval=min_interval,
-        interval=loop_seconds or cfg.sync.interval_seconds,
+        max_seconds=first_set(args.max_seconds, cfg.sync.max_seconds),
+        # a little under the interval passes come at, unless set
+        min_interval=first_set(args.min_interval, cfg.sync.min_interval_seconds, interval * 5 // 6),
+        interval=interval,
     )
+
+
+def first_set(*values: T | None) -> T:
+    """The first value that is set, in the order of precedence of every setting weex_sync takes
+    from several places: the command line's flag, then the configuration, then the value
+    derived from others."""
+    for value in values:
+        if value is not None:
+            return value
+    raise ValueError("no value set")
 
 
 def select_users(

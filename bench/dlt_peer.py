@@ -34,7 +34,10 @@ def weex_source(base_url: str, creds: dict, version: int, start_ms: int) -> dlt.
             time_, initial_value=start_ms
         ),
     ):
-        for page in walk_pages(requests.get, base_url, creds, version, cursor.last_value):
+        start = cursor.last_value
+        if start is None:  # never: the cursor starts at its initial_value
+            raise RuntimeError(f"the incremental cursor on {time_!r} has no value")
+        for page in walk_pages(requests.get, base_url, creds, version, start):
             for fill in page:
                 fill[id_], fill["orderId"] = str(fill[id_]), str(fill["orderId"])
                 fill[time_] = int(fill[time_])
@@ -54,7 +57,10 @@ def main() -> int:
     )
     info = pipeline.run(weex_source(base_url, creds, int(version), int(start)))
     with pipeline.sql_client() as client:
-        fills = client.execute_sql("SELECT count(*) FROM trade_fills")[0][0]
+        counted = client.execute_sql("SELECT count(*) FROM trade_fills")
+        if counted is None:  # never: a SELECT answers rows
+            raise RuntimeError("the count of trade_fills returned nothing")
+        fills = counted[0][0]
     print(json.dumps({"fills": fills, "load_ok": not info.has_failed_jobs}))
     return 0
 

@@ -23,7 +23,8 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "dev")]  # weex_sync.py; the simulator, in
 import weex_sync  # the weex_sync next to this bench/: its schema, SQL and Store
 
 DAY_MS, HOUR_MS = 86_400_000, 3_600_000
-COINS = ("BTC", "ETH", "SOL", "XRP", "DOGE", "ADA", "BNB", "AVAX", "LINK", "DOT")
+COINS: tuple[str, ...] = ("BTC", "ETH", "SOL", "XRP", "DOGE", "ADA", "BNB", "AVAX", "LINK", "DOT")
 COINS += ("LTC", "TRX", "ATOM", "NEAR", "APT", "ARB", "OP", "SUI", "PEPE", "TON")
 CONTRACTS = [f"cmt_{c.lower()}usdt" for c in COINS]
 BASES = [60000, 3000, 150, 0.6, 0.15, 0.5, 600, 35, 15, 7, 80, 0.12, 9, 5, 8, 1.1, 2, 1.5]
@@ -199,7 +200,8 @@ class Year:
         common |= {"first_failing": self.first_failing}
         chunk = 250_000
         for lo in range(0, s.fills, chunk):
-            args = {"t0": self.t0, "step": (self.end - self.t0) / s.fills, "lo": lo}
+            step = (self.end - self.t0) / s.fills
+            args: dict[str, object] = {"t0": self.t0, "step": step, "lo": lo}
             args |= {"hi": min(s.fills, lo + chunk) - 1, "coins": list(COINS), "bases": BASES}
             args |= {"scales": SCALES, "trade_base": SYNTHETIC_TRADE_ID}
             cur.execute(FILLS_SQL, {**common, **args, "order_base": SYNTHETIC_ORDER_ID})
@@ -408,7 +410,7 @@ def plan_lines(node: dict, depth: int = 0) -> list[str]:
 EXPLAINED: dict[tuple[str, str, str], list[str]] = {}  # (database, query, params): the lines
 
 
-def explain(dbname: str, query: str, params: Any = None) -> list[str]:
+def explain(dbname: str, query: str, params: Mapping[str, object] | None = None) -> list[str]:
     """EXPLAIN (ANALYZE, BUFFERS) of ``query`` as summary lines (each query once per database);
     rolled back (writes too)."""
     key = (dbname, query, repr(params))
@@ -417,14 +419,17 @@ def explain(dbname: str, query: str, params: Any = None) -> list[str]:
     return EXPLAINED[key]
 
 
-def _explain(dbname: str, query: str, params: Any) -> list[str]:
+def _explain(dbname: str, query: str, params: Mapping[str, object] | None) -> list[str]:
     conn = psycopg2.connect(dbname=dbname, **PG)
     try:
         with conn.cursor() as cur:
             cur.execute("SET statement_timeout = '600s'")
             cur.execute("EXPLAIN " + query, params)  # planned once: caches warm, as a pass's are
             cur.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + query, params)
-            plan = cur.fetchone()[0][0]
+            explained = cur.fetchone()
+            if explained is None:  # never: EXPLAIN answers one row
+                raise RuntimeError(f"EXPLAIN of {query!r} returned no row")
+            plan = explained[0][0]
         conn.rollback()
     finally:
         conn.close()
@@ -455,6 +460,13 @@ class Env:
         self.queries: dict[tuple[str, str], list[float]] = {}
         self.expected_sim_fills = 0  # fills of working accounts the simulator serves
         self.load_before = self.load_after = ""
+
+    @property
+    def simulator(self) -> SimProcess:
+        """The simulator, once start_sim() has started it."""
+        if self.sim is None:
+            raise RuntimeError("the simulator is not started (Env.start_sim)")
+        return self.sim
 
     def contract_of(self, i: int, k: int = 0) -> str:
         """The k-th (0..2) contract account i trades (account 0: any of the 20)."""
@@ -487,7 +499,7 @@ class Env:
             data = {
                 "database": database,
                 "weex": {
-                    "base_url": self.sim.base_url,
+                    "base_url": self.simulator.base_url,
                     "timeout_seconds": 30,
                     "rate_limit": limits,
                 },
@@ -748,7 +760,7 @@ def run(env: Env, pid: int, quick: bool, started: dt.datetime, t0: float) -> str
         for key in DBS:
             env.runs.setdefault(("idle pass", key), []).append(env.pass_(key, "idle pass", 0))
         # new fills in the last 20 s for every s.active_share-th working account
-        now = env.sim.call({"cmd": "stats"})["now_ms"]
+        now = env.simulator.call({"cmd": "stats"})["now_ms"]
         active = [
             i for i in range(year.first_failing) if i % s.active_share == rep % s.active_share
         ]
@@ -756,7 +768,7 @@ def run(env: Env, pid: int, quick: bool, started: dt.datetime, t0: float) -> str
             [env.users[i]["api_key"], env.contract_of(i), s.active_fills, now - 20_000, now - 1000]
             for i in active
         ]
-        env.sim.call({"cmd": "generate", "fills": fills})
+        env.simulator.call({"cmd": "generate", "fills": fills})
         new_fills += len(active) * s.active_fills
         for key in DBS:
             run_ = env.pass_(key, "active pass", len(active) * s.active_fills)
@@ -803,7 +815,7 @@ def rows_empty_year(env: Env, queries: list[Query]) -> list[tuple[str, float, fl
     return out
 
 
-def status_sql_args(env: Env) -> dict:
+def status_sql_args(env: Env) -> dict[str, object]:
     return {
         "users": [u["user_id"] for u in env.users],
         "symbols": ["*"] * len(env.users),
@@ -811,7 +823,7 @@ def status_sql_args(env: Env) -> dict:
     }
 
 
-def pass_sqls(env: Env, key: str, user: str) -> list[tuple[str, str, Any]]:
+def pass_sqls(env: Env, key: str, user: str) -> list[tuple[str, str, Mapping[str, object] | None]]:
     """The statements a pass runs per pair, with the arguments it gives them for ``user``
     (writes are rolled back)."""
     latest = sql(
@@ -820,8 +832,8 @@ def pass_sqls(env: Env, key: str, user: str) -> list[tuple[str, str, Any]]:
         env.names[key],
     )
     floor = latest[0][0] if latest and latest[0][0] is not None else weex_sync.MIN_BIGINT
-    newest = weex_sync.NEWEST_FILL_SQL  # one statement, or one per scope ('*': True)
-    newest = newest[True] if isinstance(newest, dict) else newest
+    # one statement, or one per scope ('*': True)
+    newest = weex_sync.NEWEST_FILL_SQL[True]
     one = {
         "order_id": ["1"],
         "trade_id": ["1"],
@@ -836,22 +848,24 @@ def pass_sqls(env: Env, key: str, user: str) -> list[tuple[str, str, Any]]:
         "user_id": user,
         "late_before": None,
     }
-    status = {
-        "pass_id": "explain",
-        "user_id": user,
-        "symbol": "*",
-        "inserted": 0,
-        "late": 0,
-        "rejected": 0,
-        "fetched": 1,
-        "requests": 1,
-        "duration_ms": 1,
-        "status": "success",
-        "last_trade_time": None,
-        "error": None,
-        "error_kind": None,
-        "lookback_ms": 120_000,
-    }
+    status = asdict(
+        weex_sync.StatusRow(
+            pass_id="explain",
+            user_id=user,
+            symbol="*",
+            last_trade_time=None,
+            records_count=0,
+            fetched_count=1,
+            requests_count=1,
+            duration_ms=1,
+            status="success",
+            error_message=None,
+            late_count=0,
+            rejected_count=0,
+            synced_through=None,
+            error_kind=None,
+        )
+    )
     return [
         (
             "newest stored fill (NEWEST_FILL_SQL, floor: the last known)",

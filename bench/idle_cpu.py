@@ -19,7 +19,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_bench import HIGH_LIMITS, PY, SimProcess, fleet_config, log, measure, programs, sql
+from run_bench import (
+    HIGH_LIMITS,
+    PY,
+    Measured,
+    SimProcess,
+    fleet_config,
+    log,
+    measure,
+    programs,
+    sql,
+)
 
 
 def users(n: int) -> list[dict]:
@@ -54,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
     }
     sim = SimProcess(spec)
-    rows = []
+    rows: list[tuple[str, int, int, Measured]] = []  # (client, accounts, warm exit, idle pass)
     try:
         with tempfile.TemporaryDirectory(prefix="weex_idle_") as tmp:
             work = Path(tmp)

@@ -183,5 +183,6 @@ def storage(count: str, host: str, port: str, user: str, *dbnames: str) -> dict:
 
 
 if __name__ == "__main__":
-    command = {"fetch": fetch, "naive": naive, "storage": storage}[sys.argv[1]]
+    commands: dict[str, Callable[..., dict]] = {"fetch": fetch, "naive": naive, "storage": storage}
+    command = commands[sys.argv[1]]
     print(json.dumps(command(*sys.argv[2:])))

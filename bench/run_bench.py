@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import psutil
 import psycopg2
@@ -41,7 +41,17 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH, RESULTS, PY = ROOT / "bench", ROOT / "bench" / "results", sys.executable
-PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+
+
+class PgParams(TypedDict):
+    """Where the bench's PostgreSQL is: psycopg2.connect's keywords (``**PG``)."""
+
+    host: str
+    port: int
+    user: str
+
+
+PG: PgParams = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 CONTRACTS = ("cmt_btcusdt", "cmt_ethusdt", "cmt_solusdt", "cmt_xrpusdt", "cmt_dogeusdt")
 BTC, ETH, SOL = CONTRACTS[:3]
 DAY_MS, MINUTE_MS = 86_400_000, 60_000
@@ -155,8 +165,8 @@ def rate(label: str, n: int) -> Callable[[Runner], float]:
 def scenarios(s: Sizes) -> list[Scenario]:
     n, small, reps, v2 = s.backfill, s.backfill_small, s.repeats, {"weex": {"api_version": 2}}
     weight, window = s.budget
-    budget = {"weex": {"rate_limit": {"uid_weight": weight, "ip_weight": weight}}}
-    budget["weex"]["rate_limit"]["window_seconds"] = window
+    limits = {"uid_weight": weight, "ip_weight": weight, "window_seconds": window}
+    budget = {"weex": {"rate_limit": limits}}
     sim_budget = {"uid_limit": [weight, window], "ip_limit": [weight, window]}
     rate_n = int(s.rate_windows * weight / 5 * 100 * 1.5) + 10_000  # more than the run fetches
     sym2, sym5, fleet_n = [BTC, ETH], list(CONTRACTS), s.fleet_accounts
@@ -230,7 +240,7 @@ def scenarios(s: Sizes) -> list[Scenario]:
                 Figure(f"idle pass, {s.idle_accounts:,} accounts (symbols: all), 50 ms per "
                        f"response, workers={w}", med(f"workers={w}"), "s", med("workers=1"),
                        "workers=1", "speedup", (">=", 8),
-                       extra=lambda r, w=w: requests(r, f"workers={w}"))
+                       extra=requests_of(f"workers={w}"))
                 for w in (8, 32)
             ),
         ),
@@ -314,10 +324,10 @@ def scenarios(s: Sizes) -> list[Scenario]:
                        "budget floor", extra=lambda r: requests(r, "idle all")),
                 *(Figure(f"idle pass, {k} listed symbols", med(f"idle {k}"), "s",
                          med("idle all"), "symbols: all",
-                         extra=lambda r, k=k: requests(r, f"idle {k}")) for k in (2, 5)),
+                         extra=requests_of(f"idle {k}")) for k in (2, 5)),
                 *(Figure(f"two cron passes {s.cron_gap:g} s apart{how}, one budget file: 429s",
                          med(f"{label} A", "status_429"), "x 429", target=("<=", 0),
-                         extra=lambda r, label=label: cron_extra(r, label))
+                         extra=cron_extra_of(label))
                   for label, how in (("cron", ""),
                                      ("cron-max", f", --max-seconds {s.cron_max_seconds}"))),
                 Figure("oldest account's staleness at the end (from sync_status), "
@@ -364,6 +374,10 @@ def requests(r: Runner, label: str) -> str:
     return f"{m.requests:,} requests, {m.status_429} x 429"
 
 
+def requests_of(label: str) -> Callable[[Runner], str]:
+    return lambda r: requests(r, label)
+
+
 def budget_share(r: Runner, label: str, s: Sizes) -> float:
     """Accepted weight in the first whole windows from the first accepted request, as a
     percentage of what the budget allows in them."""
@@ -386,6 +400,10 @@ def cron_extra(r: Runner, label: str) -> str:
         f"{a.requests:,} requests, {ok:,} accounts synced, {skipped:,} skipped; passes of "
         f"{a.wall_s:.0f} s and {b.wall_s:.0f} s, both done after {a.group_wall_s:.0f} s"
     )
+
+
+def cron_extra_of(label: str) -> Callable[[Runner], str]:
+    return lambda r: cron_extra(r, label)
 
 
 def capacity_notes(r: Runner, s: Sizes) -> list[str]:
@@ -423,7 +441,7 @@ def cpu_notes(r: Runner, labels: tuple[str, ...]) -> list[str]:
     return [
         f"{label} (median run): {m.wall_s:.1f} s wall; CPU s: client {m.cpu_s:.1f}, PostgreSQL "
         f"{m.pg_cpu_s:.1f}, simulator {m.sim_cpu_s:.1f}, anyone else {m.others_cpu_s:.1f} (of "
-        f"{os.cpu_count()} CPUs x wall = {os.cpu_count() * m.wall_s:.1f})"
+        f"{os.cpu_count()} CPUs x wall = {(os.cpu_count() or 1) * m.wall_s:.1f})"
         for label, m in ((label, r.median(label)) for label in labels)
     ]
 
@@ -490,9 +508,12 @@ class SimProcess:
         self.base_url: str = self.call(spec)["base_url"]
 
     def call(self, command: dict) -> dict:
-        self.proc.stdin.write(json.dumps(command) + "\n")
-        self.proc.stdin.flush()
-        answer = json.loads(self.proc.stdout.readline() or '{"error": "the simulator exited"}')
+        stdin, stdout = self.proc.stdin, self.proc.stdout
+        if stdin is None or stdout is None:  # never: __init__ opens both as pipes
+            raise RuntimeError("simulator: no pipe to talk through")
+        stdin.write(json.dumps(command) + "\n")
+        stdin.flush()
+        answer = json.loads(stdout.readline() or '{"error": "the simulator exited"}')
         if "error" in answer:
             raise RuntimeError(f"simulator: {answer['error']}")
         return answer
@@ -503,6 +524,14 @@ class SimProcess:
         except (subprocess.TimeoutExpired, ValueError, OSError):
             self.proc.kill()
             self.proc.wait()
+
+
+class StepArgs(TypedDict, total=False):
+    """measure()'s keyword arguments for a step, besides its command line (Runner.prepare)."""
+
+    stdin: str
+    env: dict[str, str]
+    cwd: str
 
 
 @dataclass
@@ -542,6 +571,8 @@ def measure(label: str, cmd: list[str], stdin: str = "", stop_after: float | Non
         popen.setdefault("env", child_env())
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err, **popen)
         LIVE.add(proc)
+        if proc.stdin is None:  # never: stdin=PIPE
+            raise RuntimeError(f"{label}: no pipe to its stdin")
         proc.stdin.write(stdin.encode())
         proc.stdin.close()
         timers = [threading.Timer(3600, proc.kill)]
@@ -668,6 +699,13 @@ class Runner:
         self.budget_window = 0.0  # > 0 while the simulator enforces a rate budget
         self.t0 = self.minute = int(time.time() * 1000)  # now; the late scenario's minute 0
 
+    @property
+    def simulator(self) -> SimProcess:
+        """The scenario's simulator (one without accounts has none)."""
+        if self.sim is None:
+            raise RuntimeError(f"{self.sc.name}: no simulator (the scenario has no accounts)")
+        return self.sim
+
     def median(self, label: str) -> Measured:
         runs = sorted(self.results[label], key=lambda m: m.wall_s)
         return runs[len(runs) // 2]
@@ -678,7 +716,7 @@ class Runner:
     def days_ago(self, days: float) -> int:
         return self.t0 - int(days * DAY_MS)
 
-    def run(self) -> list[dict]:
+    def run(self) -> list[FigureRow]:
         accounts = []
         for g in self.sc.groups:
             span = {"start_ms": self.days_ago(g.days[0]), "end_ms": self.days_ago(g.days[1])}
@@ -714,7 +752,7 @@ class Runner:
     def run_steps(self, together: list[Step]) -> None:
         first = together[0]
         if first.sim:
-            self.sim.call({"cmd": "set", **first.sim})
+            self.simulator.call({"cmd": "set", **first.sim})
             limits = [first.sim.get(k) for k in ("uid_limit", "ip_limit") if k in first.sim]
             if limits:
                 self.budget_window = max((w for _, w in filter(None, limits)), default=0.0)
@@ -769,7 +807,7 @@ class Runner:
             if self.profile and step.run == "weex_sync" and not step.db and not self.profiles:
                 self.profiles[f"{self.sc.name}: {step.label}"] = py_spy(*self.prepare(step)[:2])
 
-    def prepare(self, step: Step) -> tuple[list[str], dict, str]:
+    def prepare(self, step: Step) -> tuple[list[str], StepArgs, str]:
         """The command line of a step, measure()'s other arguments, and the step's database."""
         db = self.database(step.db) if step.run in ("weex_sync", "naive", "dlt") else ""
         if step.run == "weex_sync":
@@ -784,8 +822,8 @@ class Runner:
                 "",
             )
         version = str(step.config.get("weex", {}).get("api_version", 3))
-        args = [self.sim.base_url, version, str(self.days_ago(self.sc.start_days))]
-        kwargs = {"stdin": json.dumps(self.accounts[step.group][0])}
+        args = [self.simulator.base_url, version, str(self.days_ago(self.sc.start_days))]
+        kwargs: StepArgs = {"stdin": json.dumps(self.accounts[step.group][0])}
         if step.run == "naive":
             args.append(f"host={PG['host']} port={PG['port']} user={PG['user']} dbname={db}")
         if step.run == "dlt":
@@ -800,13 +838,13 @@ class Runner:
     def config(self, step: Step, dbname: str) -> str:
         """weex_sync's config.yaml for a step (its own rate-budget file unless the step names a
         shared one)."""
-        config = {
+        base = {
             "database": {**PG, "password": "", "dbname": dbname, "sslmode": "disable"},
-            "weex": {"base_url": self.sim.base_url, "timeout_seconds": 30},
+            "weex": {"base_url": self.simulator.base_url, "timeout_seconds": 30},
             # runs follow one another at once: no claims, unless a step's config sets them
             "sync": {"start_time": self.days_ago(self.sc.start_days), "min_interval_seconds": 0},
         }
-        config = merge(merge(config, {"weex": {"rate_limit": HIGH_LIMITS}}), step.config)
+        config = merge(merge(base, {"weex": {"rate_limit": HIGH_LIMITS}}), step.config)
         limits = config["weex"]["rate_limit"]
         limits["shared_file"] = str(self.workdir / limits.get("shared_file", f"rl{time.time()}"))
         config["sync"]["users"] = self.accounts[step.group]
@@ -852,9 +890,9 @@ class Runner:
         minute, a quarter of them one fill that shows 5-110 s late, at a moment between this
         minute's passes and the next minute's."""
         k, group = step.config["minute"], step.group
-        now = self.sim.call({"cmd": "stats"})["now_ms"]
+        now = self.simulator.call({"cmd": "stats"})["now_ms"]
         minute = self.minute = max(self.minute + MINUTE_MS, now + 30_000)
-        self.sim.call({"cmd": "set", "clock_offset_ms": minute - int(time.time() * 1000)})
+        self.simulator.call({"cmd": "set", "clock_offset_ms": minute - int(time.time() * 1000)})
         rng, fills, late = random.Random(k), [], []
         for i, a in enumerate(self.accounts[group]):
             symbol, count = (BTC, ETH)[i % 2], 1 + (7 * i + k) % 60
@@ -863,8 +901,8 @@ class Runner:
             if step.config["late"] and i % 4 == k % 4:
                 visible, lateness = minute + rng.randint(30_000, 59_000), rng.randint(5, 110)
                 late.append([a["api_key"], symbol, visible - lateness * 1000, lateness * 1000])
-        self.sim.call({"cmd": "generate", "fills": fills})
-        ids = self.sim.call({"cmd": "add_fills", "fills": late})["trade_ids"]
+        self.simulator.call({"cmd": "generate", "fills": fills})
+        ids = self.simulator.call({"cmd": "add_fills", "fills": late})["trade_ids"]
         self.late.setdefault(group, []).extend((i, f[2] + f[3]) for i, f in zip(ids, late))
 
     def min_requests(self, group: str) -> int:
@@ -872,7 +910,7 @@ class Runner:
         7-day window from sync.start_time, one plus one per 100 fills in it."""
         key, start = self.accounts[group][0]["api_key"], self.days_ago(self.sc.start_days)
         ask = {"cmd": "window_counts", "api_key": key, "start_ms": start, "span_ms": 7 * DAY_MS}
-        return sum(1 + count // 100 for count in self.sim.call(ask)["counts"])
+        return sum(1 + count // 100 for count in self.simulator.call(ask)["counts"])
 
 
 def account(group: str, i: int) -> dict:
@@ -890,21 +928,36 @@ def fmt(x: float, unit: str = "") -> str:
     return f"{text} {unit}".strip()
 
 
-def figure_row(scenario: str, f: Figure, r: Runner) -> dict:
+class FigureRow(TypedDict):
+    """A row of the table (figure_row), as the report's JSON holds it."""
+
+    scenario: str
+    measure: str
+    value: float
+    baseline: float | None
+    ratio: float | None  # None: no baseline, or a baseline of 0
+    target: str
+    met: bool | None
+    shown: list[str]  # the table's cells: weex_sync, baseline, ratio
+
+
+def figure_row(scenario: str, f: Figure, r: Runner) -> FigureRow:
     value = f.value(r)
     base = f.baseline(r) if f.baseline else None
     ratio = None if not base else base / value if f.ratio == "speedup" else value / base
-    row = {"scenario": scenario, "measure": f.measure, "value": value, "baseline": base}
-    row |= {"ratio": ratio, "target": "-", "met": None}
-    row["shown"] = [
+    shown = [
         fmt(value, f.unit) + (f" ({f.extra(r)})" if f.extra else ""),
         "-" if base is None else f"{f.base_label} {fmt(base, f.unit)}",
         "-" if ratio is None or not f.ratio else f"{ratio:.0%}" if f.ratio == "%" else f"{ratio:.2f}x",
     ]  # fmt: skip
+    row: FigureRow = {"scenario": scenario, "measure": f.measure, "value": value, "baseline": base,
+                      "ratio": ratio, "target": "-", "met": None, "shown": shown}  # fmt: skip
     if f.target:
         op, goal = f.target
         on_ratio = bool(f.baseline and f.ratio)
         judged = ratio if on_ratio else value
+        if judged is None:  # a target on the ratio, and a baseline of 0: no ratio to judge
+            raise RuntimeError(f"{f.measure}: the baseline is {base}, the ratio has no value")
         row["met"] = {">=": judged >= goal, "<=": judged <= goal, "<": judged < goal}[op]
         text = (
             (f"{goal:.0%}" if f.ratio == "%" else f"{goal:g}x") if on_ratio else fmt(goal, f.unit)
@@ -913,7 +966,7 @@ def figure_row(scenario: str, f: Figure, r: Runner) -> dict:
     return row
 
 
-def py_spy(cmd: list[str], popen: dict) -> str:
+def py_spy(cmd: list[str], popen: StepArgs) -> str:
     """One extra run under py-spy, sampling the thread that holds the GIL: the functions with
     the most own and inclusive samples. Not a measured run."""
     binary = shutil.which("py-spy", path=str(Path(PY).parent)) or shutil.which("py-spy")
@@ -922,7 +975,9 @@ def py_spy(cmd: list[str], popen: dict) -> str:
     raw = Path(tempfile.mkstemp(suffix=".txt")[1])
     record = [binary, "record", "--format", "raw", "--rate", "250", "--gil", "-o", str(raw)]
     run = measure("py-spy", [*record, "--", *cmd], **popen)
-    own, inclusive, total = Counter(), Counter(), 0
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         frames = [re.sub(r" \((?:.*/)?([^/]+?)(?::\d+)?\)$", r" (\1)", f) for f in stack.split(";")]
@@ -957,7 +1012,9 @@ def environment() -> dict:
     }
 
 
-def markdown(rows: list[dict], meta: dict, notes: dict[str, list[str]], profiles: dict) -> str:
+def markdown(
+    rows: list[FigureRow], meta: dict, notes: dict[str, list[str]], profiles: dict[str, str]
+) -> str:
     lines = [
         f"# weex_sync benchmark {meta['started']}{' (--quick)' if meta['quick'] else ''}",
         "",
@@ -974,8 +1031,8 @@ def markdown(rows: list[dict], meta: dict, notes: dict[str, list[str]], profiles
         lines.append("| " + " | ".join(cells) + " |")
     for name, text in notes.items():
         lines += ["", f"## {name}", "", *text]
-    for name, text in profiles.items():
-        lines += ["", f"## py-spy profile: {name}", "", "```", text, "```"]
+    for name, profile in profiles.items():
+        lines += ["", f"## py-spy profile: {name}", "", "```", profile, "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -992,7 +1049,11 @@ def main(argv: list[str] | None = None) -> int:
     POSTMASTER[0] = psutil.Process(conn.get_backend_pid()).ppid()
     conn.close()
     code_before, t0, started = code_hashes(), time.monotonic(), dt.datetime.now(dt.UTC)
-    rows, runs, notes, profiles, errors = [], {}, {}, {}, {}
+    rows: list[FigureRow] = []
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}  # scenario -> label -> runs (asdict)
+    notes: dict[str, list[str]] = {}
+    profiles: dict[str, str] = {}
+    errors: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="weex_bench_") as tmp:
         for sc in scenarios(sizes):
             if args.only and sc.name not in args.only:

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TypedDict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_bench import (
@@ -43,16 +44,24 @@ from run_bench import (
     sql,
 )
 
-CASES = {
-    "documented": {"ip_limit": [500, 10.0], "burst_limit": None},
-    "burst cap": {"ip_limit": [500, 10.0], "burst_limit": [50, 1.0]},
-    "half the window": {"ip_limit": [250, 10.0], "burst_limit": None},
+
+class Case(TypedDict):
+    """The simulator's limits of a case (weight, window in seconds), set as they are."""
+
+    ip_limit: tuple[int, float]
+    burst_limit: tuple[int, float] | None
+
+
+CASES: dict[str, Case] = {
+    "documented": {"ip_limit": (500, 10.0), "burst_limit": None},
+    "burst cap": {"ip_limit": (500, 10.0), "burst_limit": (50, 1.0)},
+    "half the window": {"ip_limit": (250, 10.0), "burst_limit": None},
 }
 STRICT = {"limit_code": "-1059", "limit_retry_after": False, "penalty_box": [6, 10.0, 60.0]}
 FILLS_PER_ACCOUNT = 3
 
 
-def rate_seconds(case: dict, requests: int) -> float:
+def rate_seconds(case: Case, requests: int) -> float:
     """The time ``requests`` fills requests take at the case's sustained rate: the least any
     paced client needs (a window's budget may not leave at once)."""
     return (
@@ -60,7 +69,7 @@ def rate_seconds(case: dict, requests: int) -> float:
     )
 
 
-def least_seconds(case: dict, requests: int) -> float:
+def least_seconds(case: Case, requests: int) -> float:
     """The time the case's true limits need for ``requests`` fills requests: each sent at the
     first moment every window of the simulator admits it (no latency, no margin)."""
     windows = [w for w in (case["ip_limit"], case["burst_limit"]) if w]

@@ -107,6 +107,31 @@ def test_dry_run_fetches_and_counts_but_writes_nothing(harness: Harness, db: Dat
     assert (stored_fills(db), db.status(), db.rows("SELECT * FROM sync_cursor")) == before
 
 
+def test_dry_run_counts_what_a_real_pass_inserts_when_a_stored_fill_moved(
+    harness: Harness, db: Database, sim
+):
+    """A stored fill served again 1 ms later (a correction) and two new fills: --dry-run says 2
+    new, as many as the real pass then inserts (3.2 counted the moved fill as new: it compared
+    (order, trade, time), the INSERT compares (order, trade))."""
+    account = make_account(sim, 1)
+    now = int(time.time() * 1000)
+    sim.add_fill(account.api_key, BTC, created_time=now - 20_000, trade_id=8, order_id=80)
+    harness.accounts = [account]
+    assert harness.run() == 0
+    sim.remove_fill(account.api_key, BTC, 8)
+    sim.add_fill(account.api_key, BTC, created_time=now - 19_999, trade_id=8, order_id=80)
+    for n in (1, 2):
+        sim.add_fill(account.api_key, BTC, created_time=now - 1_000 * n)
+
+    assert harness.run("--dry-run") == 0
+    [dry] = [x for x in harness.last_log.splitlines() if "user1/cmt_btcusdt: ok" in x]
+    assert harness.run() == 1  # the correction is quarantined: the pair fails, loudly
+
+    [real] = [x for x in harness.last_log.splitlines() if "user1/cmt_btcusdt: error" in x]
+    assert " new=2 " in dry and " inserted=2 " in real, (dry, real)
+    assert db.scalar("SELECT count(*) FROM trade_fills") == 3
+
+
 def test_status_prints_latest_row_per_pair_as_table_and_json(harness: Harness, db: Database, sim):
     accounts = harness.fleet(2, fills=120)
     assert harness.run() == 0
