@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark weex_sync against the WEEX simulator and the local PostgreSQL (see README.md).
+"""Benchmark weex_sync against the WEEX simulator and the local PostgreSQL (see docs/performance.md and bench/README.md).
 
 The scenarios are data (``scenarios()``): which accounts the simulator generates, which steps
 run (weex_sync and its baseline, in the same run), which figures are reported against which
