@@ -31,28 +31,28 @@ CREATE INDEX IF NOT EXISTS trade_fills_time_utc ON trade_fills USING brin ((to_t
 -- of sync_status_default in small batches.
 CREATE SEQUENCE IF NOT EXISTS sync_status_id_seq;
 CREATE TABLE IF NOT EXISTS sync_status (
-    id              bigint      NOT NULL DEFAULT nextval('sync_status_id_seq'),
-    pass_id         text        NOT NULL,
-    user_id         text        NOT NULL,
-    symbol          text        NOT NULL,
+    id              bigint NOT NULL DEFAULT nextval('sync_status_id_seq'),
+    pass_id         text NOT NULL,
+    user_id         text NOT NULL,
+    symbol          text NOT NULL,
     last_sync_time  timestamptz NOT NULL DEFAULT now(),
-    last_trade_time bigint,                  -- newest fill stored for (user, symbol), ms
-    records_count   integer     NOT NULL,    -- rows inserted this pass
-    fetched_count   integer     NOT NULL,    -- fills received this pass
-    requests_count  integer     NOT NULL,    -- HTTP requests sent, retries included
-    duration_ms     integer     NOT NULL,
-    status          text        NOT NULL
-                    CONSTRAINT sync_status_status_check CHECK (status IN ('success', 'error')),
+    last_trade_time bigint,  -- newest fill stored for (user, symbol), ms
+    records_count   integer NOT NULL,  -- rows inserted this pass
+    fetched_count   integer NOT NULL,  -- fills received this pass
+    requests_count  integer NOT NULL,  -- HTTP requests sent, retries included
+    duration_ms     integer NOT NULL,
+    status          text NOT NULL CONSTRAINT sync_status_status_check CHECK (status IN ('success', 'error')),
     error_message   text,
-    late_count      integer     NOT NULL DEFAULT 0, -- of records_count: fills that became
-                                                    -- visible after a walk had read their time
-    rejected_count  integer     NOT NULL DEFAULT 0, -- fills put in rejected_fills this pass
-    synced_through  bigint,                 -- every fill up to here is stored (ms): the
-                                            -- cursor's last walk end minus the lookback
-    error_kind      text                    -- credentials, access, symbol, rejected_fills,
-                                            -- exchange, unreachable, rate_limit, database, ...
+    late_count      integer NOT NULL DEFAULT 0,  -- of records_count: fills that became visible after a walk had read their time
+    rejected_count  integer NOT NULL DEFAULT 0,  -- fills put in rejected_fills this pass
+    synced_through  bigint,  -- every fill up to here is stored (ms): the last walk end minus the lookback
+    error_kind      text  -- credentials, access, symbol, rejected_fills, exchange, rate_limit, database, ...
 ) PARTITION BY RANGE (last_sync_time);
 ALTER SEQUENCE sync_status_id_seq OWNED BY sync_status.id;
+ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS late_count integer NOT NULL DEFAULT 0;
+ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS rejected_count integer NOT NULL DEFAULT 0;
+ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS synced_through bigint;
+ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS error_kind text;
 CREATE TABLE IF NOT EXISTS sync_status_default PARTITION OF sync_status DEFAULT;
 CREATE INDEX IF NOT EXISTS sync_status_default_time ON sync_status_default (last_sync_time);
 CREATE INDEX IF NOT EXISTS sync_status_default_pair
@@ -61,32 +61,36 @@ CREATE INDEX IF NOT EXISTS sync_status_default_pair
 -- same statement), so --status costs the same however long a pair has failed, and a last
 -- success stays known after retention dropped its row.
 CREATE TABLE IF NOT EXISTS sync_latest (
-    user_id           text        NOT NULL,
-    symbol            text        NOT NULL,
-    status_id         bigint      NOT NULL,  -- sync_status.id of the latest row
-    pass_id           text        NOT NULL,
-    last_sync_time    timestamptz NOT NULL,
-    last_trade_time   bigint,
-    records_count     integer     NOT NULL,
-    fetched_count     integer     NOT NULL,
-    requests_count    integer     NOT NULL,
-    duration_ms       integer     NOT NULL,
-    status            text        NOT NULL,
-    error_message     text,
-    late_count        integer     NOT NULL,
-    rejected_count    integer     NOT NULL,
-    synced_through    bigint,
-    error_kind        text,
-    last_success_time timestamptz,           -- the latest row with status 'success'
+    user_id         text NOT NULL,
+    symbol          text NOT NULL,
+    status_id       bigint NOT NULL,  -- sync_status.id of the latest row
+    pass_id         text NOT NULL,
+    last_sync_time  timestamptz NOT NULL,
+    last_trade_time bigint,  -- newest fill stored for (user, symbol), ms
+    records_count   integer NOT NULL,  -- rows inserted this pass
+    fetched_count   integer NOT NULL,  -- fills received this pass
+    requests_count  integer NOT NULL,  -- HTTP requests sent, retries included
+    duration_ms     integer NOT NULL,
+    status          text NOT NULL,
+    error_message   text,
+    late_count      integer NOT NULL,  -- of records_count: fills that became visible after a walk had read their time
+    rejected_count  integer NOT NULL,  -- fills put in rejected_fills this pass
+    synced_through  bigint,  -- every fill up to here is stored (ms): the last walk end minus the lookback
+    error_kind      text,  -- credentials, access, symbol, rejected_fills, exchange, rate_limit, database, ...
+    last_success_time timestamptz,  -- the latest row with status 'success'
     PRIMARY KEY (user_id, symbol)
 );
+ALTER TABLE sync_latest ADD COLUMN IF NOT EXISTS late_count integer NOT NULL DEFAULT 0;
+ALTER TABLE sync_latest ADD COLUMN IF NOT EXISTS rejected_count integer NOT NULL DEFAULT 0;
+ALTER TABLE sync_latest ADD COLUMN IF NOT EXISTS synced_through bigint;
+ALTER TABLE sync_latest ADD COLUMN IF NOT EXISTS error_kind text;
 
 -- The incremental cursor, written in the same transaction as the fills it covers.
 -- Every fill with trade_time < synced_through has been read, except while walk_end is set:
 -- then an interrupted walk still owes [synced_through, walk_end] and, when it completes,
 -- moves synced_through to walk_target. last_end: every fill up to it has been read once (one
 -- stored later at or before it was late). reconciled_at: the last re-read of the reconcile
--- window. Where the next walk starts is the cursor rule (README, "How it stays exact").
+-- window. Where the next walk starts is the cursor rule (docs/exactness.md).
 CREATE TABLE IF NOT EXISTS sync_cursor (
     user_id        text        NOT NULL,
     symbol         text        NOT NULL,

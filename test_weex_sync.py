@@ -479,7 +479,7 @@ def config_error_cases(harness: Harness) -> list[tuple[str, object, str]]:
         (
             "missing credential",
             variant("sync.users.0.secret_key", None),
-            "sync.users[0].secret_key: missing",
+            "sync.users[0].secret_key: missing (user user1)",
         ),
         (
             "duplicate user",

@@ -186,12 +186,18 @@ class Config:
     weex: WeexConfig
     sync: SyncConfig
 
-    def secrets(self) -> list[str]:
-        """Every secret value, so logs and error messages can be scrubbed of them."""
-        values = [self.database.password]
+    def secrets(self, database: bool = True) -> list[str]:
+        """Every secret value (``database``: with the database password)."""
+        named = self.named_secrets()
+        return [v for k, v in named.items() if database or k != "database.password"]
+
+    def named_secrets(self) -> dict[str, str]:
+        """Every secret value by the setting it comes from."""
+        named = {"database.password": self.database.password}
         for user in self.sync.users:
-            values += [user.secret_key, user.passphrase]
-        return [v for v in values if v]
+            named[f"the secret_key of user {user.user_id}"] = user.secret_key
+            named[f"the passphrase of user {user.user_id}"] = user.passphrase
+        return {name: value for name, value in named.items() if value}
 
 
 CONTRACT_RE = re.compile(r"cmt_[a-z0-9]{1,40}(usdt|usdc)")
@@ -481,7 +487,7 @@ def _database_config(raw: dict) -> DatabaseConfig:
         host=_typed(raw, p, "host", str, DatabaseConfig.host),
         port=_ranged(raw, p, "port", int, DatabaseConfig.port, 1, 65535),
         user=_typed(raw, p, "user", str, DatabaseConfig.user),
-        password=_typed(raw, p, "password", str, ""),
+        password=_not_placeholder(_typed(raw, p, "password", str, ""), "database.password"),
         dbname=_typed(raw, p, "dbname", str, DatabaseConfig.dbname),
         sslmode=sslmode,
         partition_fills=_partition_fills(raw),
@@ -648,8 +654,19 @@ def _sync_config(raw: dict, weex_raw: dict) -> SyncConfig:
     )
 
 
+# The examples' placeholders (deploy/weex_sync.env.example): a value left as shipped is named
+# as one to fill in, not as a wrong one.
+PLACEHOLDER = "fill-in"
+
+
+def _not_placeholder(value: str, name: str) -> str:
+    if value.startswith(PLACEHOLDER):
+        raise ConfigError(f"{name}: still the example's placeholder: fill in the real value")
+    return value
+
+
 def _credential(raw: dict, path: str, key: str) -> str:
-    value = _typed(raw, path, key, str)
+    value = _not_placeholder(_typed(raw, path, key, str), _join(path, key))
     if key != "secret_key" and not HEADER_VALUE_RE.fullmatch(value):
         raise ConfigError(
             f"{_join(path, key)}: must be 1-256 printable ASCII characters without spaces "
@@ -701,19 +718,24 @@ def _users(value: Any, symbols: tuple[str, ...]) -> tuple[UserConfig, ...]:
         if user_id in seen:
             raise ConfigError(f"{p}.user_id: duplicate user_id {user_id}")
         seen.add(user_id)
-        user_symbols = _symbols(item["symbols"], f"{p}.symbols") if "symbols" in item else symbols
-        users.append(
-            UserConfig(
-                user_id=user_id,
-                api_key=_credential(item, p, "api_key"),
-                secret_key=_credential(item, p, "secret_key"),
-                passphrase=_credential(item, p, "passphrase"),
-                symbols=user_symbols,
-                enabled=_typed(item, p, "enabled", bool, True),
-                account=_account(item, p),
-            )
-        )
+        try:
+            users.append(_user(item, p, user_id, symbols))
+        except ConfigError as exc:  # the index, and the user it is: whoever reads the log
+            raise ConfigError(f"{exc} (user {user_id})") from None
     return tuple(users)
+
+
+def _user(item: dict, p: str, user_id: str, symbols: tuple[str, ...]) -> UserConfig:
+    user_symbols = _symbols(item["symbols"], f"{p}.symbols") if "symbols" in item else symbols
+    return UserConfig(
+        user_id=user_id,
+        api_key=_credential(item, p, "api_key"),
+        secret_key=_credential(item, p, "secret_key"),
+        passphrase=_credential(item, p, "passphrase"),
+        symbols=user_symbols,
+        enabled=_typed(item, p, "enabled", bool, True),
+        account=_account(item, p),
+    )
 
 
 def parse_time(value: Any, name: str) -> int:
@@ -897,8 +919,8 @@ class Redactor:
     WINDOW = 8
     ALTERNATION_LIMIT = 256
 
-    def __init__(self, secrets: Iterable[str] = ()) -> None:
-        forms = {form for s in secrets if s for form in secret_forms(s)}
+    def __init__(self, secrets: Iterable[str] = (), min_length: int = 1) -> None:
+        forms = {form for s in secrets if len(s) >= min_length for form in secret_forms(s)}
         indexed = set() if len(forms) <= self.ALTERNATION_LIMIT else forms
         short = sorted(
             (f for f in forms if f not in indexed or len(f) < self.WINDOW), key=len, reverse=True
@@ -1225,7 +1247,7 @@ def _v2_envelope(body: Any) -> tuple[list, bool, int | None]:
 
 def _distinct(fills: list[Fill]) -> list[Fill]:
     """The answer without a fill listed twice. Two versions of one (order, trade) both stay:
-    the store decides (Store.save_batch)."""
+    the store decides (Store.write_batch)."""
     seen: set[tuple] = set()
     out = []
     for f in fills:
@@ -1633,7 +1655,7 @@ class _Transient(Exception):
     retry_after: float | None = None
 
     def give_up(self, attempts: int) -> ExchangeError:
-        return ExchangeError(f"{self} (gave up after {attempts} attempts)")
+        return ExchangeError(f"{self} (gave up after {plural(attempts, 'attempt')})")
 
 
 class _Unreachable(_Transient):
@@ -1642,7 +1664,9 @@ class _Unreachable(_Transient):
     sent = False
 
     def give_up(self, attempts: int) -> ExchangeError:
-        return ExchangeUnreachable(f"cannot reach the exchange: {self} ({attempts} attempts)")
+        return ExchangeUnreachable(
+            f"cannot reach the exchange: {self} ({plural(attempts, 'attempt')})"
+        )
 
 
 class _Busy(_Transient):
@@ -3343,29 +3367,111 @@ FILLS_INDEXES = {  # name: what follows ON trade_fills
     "trade_fills_time": "USING brin (trade_time)",
     "trade_fills_time_utc": "USING brin ((to_timestamp(trade_time / 1000.0)))",
 }
-STATUS_TABLE_SQL = """\
+
+
+def column(sql_type: str, doc: str = "", default: str = "", check: str = "") -> Any:
+    """A dataclass field that is a table's column: its SQL type (NOT NULL unless the field may
+    be None), what it means, its DEFAULT in sync_status (a column added to a table with rows
+    needs one unless it may be NULL) and its CHECK."""
+    return field(metadata={"sql": sql_type, "doc": doc, "default": default, "check": check})
+
+
+@dataclass(frozen=True)
+class StatusRow:
+    """A sync_status row by column name. sync_status's and sync_latest's DDL, the upgrade that
+    adds the columns an older table lacks, the status INSERT and sync_latest's copy of it are
+    made from these fields: a new status column is one field here (at the end, with a default
+    or nullable) and a SCHEMA_VERSION step. (sync_status also has id, and last_sync_time after
+    symbol, which PostgreSQL fills.)"""
+
+    pass_id: str = column("text")
+    user_id: str = column("text")
+    symbol: str = column("text")
+    last_trade_time: int | None = column("bigint", "newest fill stored for (user, symbol), ms")
+    records_count: int = column("integer", "rows inserted this pass")
+    fetched_count: int = column("integer", "fills received this pass")
+    requests_count: int = column("integer", "HTTP requests sent, retries included")
+    duration_ms: int = column("integer")
+    status: str = column(
+        "text",
+        check="CONSTRAINT sync_status_status_check CHECK (status IN ('success', 'error'))",
+    )
+    error_message: str | None = column("text")
+    late_count: int = column(
+        "integer",
+        "of records_count: fills that became visible after a walk had read their time",
+        default="0",
+    )
+    rejected_count: int = column("integer", "fills put in rejected_fills this pass", default="0")
+    synced_through: int | None = column(
+        "bigint", "every fill up to here is stored (ms): the last walk end minus the lookback"
+    )
+    error_kind: str | None = column(
+        "text", "credentials, access, symbol, rejected_fills, exchange, rate_limit, database, ..."
+    )
+
+
+STATUS_FIELDS = tuple(f.name for f in fields(StatusRow))
+CARRIED_FIELDS = ("last_trade_time",)  # NULL: not read this pass, the pair's latest one stands
+LATEST_FIELDS = ("pass_id", "last_sync_time", *STATUS_FIELDS[3:])
+LATEST_COLUMNS = ", ".join(LATEST_FIELDS)
+# The columns weex_sync 1.x and 2.x lacked, and any added since: added to an older table by
+# the upgrade (before an unpartitioned one becomes the first partition: a partition has
+# exactly the columns of its table).
+ADDED_FIELDS = STATUS_FIELDS[STATUS_FIELDS.index("late_count") :]
+
+
+def _column_ddl(f: Any, table: str) -> str:
+    """The column's definition in ``table`` (sync_latest's have no defaults and no checks; the
+    upgrade's ADD COLUMN uses sync_status's, as a table with rows needs a default)."""
+    nullable = f.type.endswith("| None")
+    definition = f"{f.name:<15} {f.metadata['sql']}" + ("" if nullable else " NOT NULL")
+    if table == "sync_status" and f.metadata["default"]:
+        definition += f" DEFAULT {f.metadata['default']}"
+    if table == "sync_status" and f.metadata["check"]:
+        definition += f" {f.metadata['check']}"
+    return definition
+
+
+def _columns_ddl(names: Iterable[str], table: str, last: bool = False) -> str:
+    """The columns' lines of a CREATE TABLE, each with its comment (``last``: the final ones)."""
+    by_name = {f.name: f for f in fields(StatusRow)}
+    lines = []
+    names = list(names)
+    for i, name in enumerate(names):
+        f = by_name[name]
+        comma = "" if last and i == len(names) - 1 else ","
+        doc = f"  -- {f.metadata['doc']}" if f.metadata["doc"] else ""
+        lines.append(f"    {_column_ddl(f, table)}{comma}{doc}\n")
+    return "".join(lines)
+
+
+def _added_columns_sql(table: str) -> str:
+    """ADD COLUMN IF NOT EXISTS of ADDED_FIELDS: an older table gains what it lacks."""
+    by_name = {f.name: f for f in fields(StatusRow)}
+    return "".join(
+        f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS "
+        f"{' '.join(_column_ddl(by_name[name], 'sync_status').split())};\n"
+        for name in ADDED_FIELDS
+    )
+
+
+def _status_value(name: str) -> str:
+    if name not in CARRIED_FIELDS:
+        return f"%({name})s"
+    return (
+        f"coalesce(%({name})s, (SELECT {name} FROM sync_latest"
+        " WHERE user_id = %(user_id)s AND symbol = %(symbol)s))"
+    )
+
+
+STATUS_TABLE_SQL = f"""\
 CREATE SEQUENCE IF NOT EXISTS sync_status_id_seq;
 CREATE TABLE IF NOT EXISTS sync_status (
-    id              bigint      NOT NULL DEFAULT nextval('sync_status_id_seq'),
-    pass_id         text        NOT NULL,
-    user_id         text        NOT NULL,
-    symbol          text        NOT NULL,
+    id              bigint NOT NULL DEFAULT nextval('sync_status_id_seq'),
+{_columns_ddl(STATUS_FIELDS[:3], "sync_status")}\
     last_sync_time  timestamptz NOT NULL DEFAULT now(),
-    last_trade_time bigint,                  -- newest fill stored for (user, symbol), ms
-    records_count   integer     NOT NULL,    -- rows inserted this pass
-    fetched_count   integer     NOT NULL,    -- fills received this pass
-    requests_count  integer     NOT NULL,    -- HTTP requests sent, retries included
-    duration_ms     integer     NOT NULL,
-    status          text        NOT NULL
-                    CONSTRAINT sync_status_status_check CHECK (status IN ('success', 'error')),
-    error_message   text,
-    late_count      integer     NOT NULL DEFAULT 0, -- of records_count: fills that became
-                                                    -- visible after a walk had read their time
-    rejected_count  integer     NOT NULL DEFAULT 0, -- fills put in rejected_fills this pass
-    synced_through  bigint,                 -- every fill up to here is stored (ms): the
-                                            -- cursor's last walk end minus the lookback
-    error_kind      text                    -- credentials, access, symbol, rejected_fills,
-                                            -- exchange, unreachable, rate_limit, database, ...
+{_columns_ddl(STATUS_FIELDS[3:], "sync_status", last=True)}\
 ) PARTITION BY RANGE (last_sync_time);
 ALTER SEQUENCE sync_status_id_seq OWNED BY sync_status.id;"""
 # Status rows of days without a partition of their own: every row of a role that cannot make
@@ -3376,55 +3482,7 @@ CREATE TABLE IF NOT EXISTS sync_status_default PARTITION OF sync_status DEFAULT;
 CREATE INDEX IF NOT EXISTS sync_status_default_time ON sync_status_default (last_sync_time);
 CREATE INDEX IF NOT EXISTS sync_status_default_pair
     ON sync_status_default (user_id, symbol, last_sync_time);"""
-# The columns weex_sync 1.x and 2.x lacked: added to an old table before it becomes the first
-# partition (a partition has exactly the columns of its table).
-STATUS_COLUMNS_SQL = """
-ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS late_count integer NOT NULL DEFAULT 0;
-ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS rejected_count integer NOT NULL DEFAULT 0;
-ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS synced_through bigint;
-ALTER TABLE sync_status ADD COLUMN IF NOT EXISTS error_kind text;
-"""
-
-
-def column(sql_type: str) -> Any:
-    """A dataclass field that is a table's column of this SQL type."""
-    return field(metadata={"sql": sql_type})
-
-
-@dataclass(frozen=True)
-class StatusRow:
-    """A sync_status row by column name (after id and last_sync_time, which PostgreSQL fills):
-    its INSERT and sync_latest's copy of it are made from these fields."""
-
-    pass_id: str = column("text")
-    user_id: str = column("text")
-    symbol: str = column("text")
-    last_trade_time: int | None = column("bigint")  # None: not read, the latest one stands
-    records_count: int = column("integer")
-    fetched_count: int = column("integer")
-    requests_count: int = column("integer")
-    duration_ms: int = column("integer")
-    status: str = column("text")
-    error_message: str | None = column("text")
-    late_count: int = column("integer")
-    rejected_count: int = column("integer")
-    synced_through: int | None = column("bigint")  # None: not read, the latest one stands
-    error_kind: str | None = column("text")
-
-
-STATUS_FIELDS = tuple(f.name for f in fields(StatusRow))
-CARRIED_FIELDS = ("last_trade_time", "synced_through")  # NULL: the pair's latest value stands
-LATEST_FIELDS = ("pass_id", "last_sync_time", *STATUS_FIELDS[3:])
-LATEST_COLUMNS = ", ".join(LATEST_FIELDS)
-
-
-def _status_value(name: str) -> str:
-    if name not in CARRIED_FIELDS:
-        return f"%({name})s"
-    return (
-        f"coalesce(%({name})s, (SELECT {name} FROM sync_latest"
-        " WHERE user_id = %(user_id)s AND symbol = %(symbol)s))"
-    )
+STATUS_COLUMNS_SQL = _added_columns_sql("sync_status")
 
 
 # An upgrade from version 3 or older: each pair's latest state from its history, one index
@@ -3464,37 +3522,28 @@ SCHEMA_SQL = f"""\
 -- partition sync_status_until_YYYYMMDD): retention drops whole days, and deletes old rows
 -- of sync_status_default in small batches.
 {STATUS_TABLE_SQL}
+{STATUS_COLUMNS_SQL}\
 {STATUS_DEFAULT_SQL}
 -- The latest status of each pair, and its last success: written with every status row (the
 -- same statement), so --status costs the same however long a pair has failed, and a last
 -- success stays known after retention dropped its row.
 CREATE TABLE IF NOT EXISTS sync_latest (
-    user_id           text        NOT NULL,
-    symbol            text        NOT NULL,
-    status_id         bigint      NOT NULL,  -- sync_status.id of the latest row
-    pass_id           text        NOT NULL,
-    last_sync_time    timestamptz NOT NULL,
-    last_trade_time   bigint,
-    records_count     integer     NOT NULL,
-    fetched_count     integer     NOT NULL,
-    requests_count    integer     NOT NULL,
-    duration_ms       integer     NOT NULL,
-    status            text        NOT NULL,
-    error_message     text,
-    late_count        integer     NOT NULL,
-    rejected_count    integer     NOT NULL,
-    synced_through    bigint,
-    error_kind        text,
-    last_success_time timestamptz,           -- the latest row with status 'success'
+{_columns_ddl(STATUS_FIELDS[1:3], "sync_latest")}\
+    status_id       bigint NOT NULL,  -- sync_status.id of the latest row
+{_columns_ddl(STATUS_FIELDS[:1], "sync_latest")}\
+    last_sync_time  timestamptz NOT NULL,
+{_columns_ddl(STATUS_FIELDS[3:], "sync_latest")}\
+    last_success_time timestamptz,  -- the latest row with status 'success'
     PRIMARY KEY (user_id, symbol)
 );
+{_added_columns_sql("sync_latest")}\
 
 -- The incremental cursor, written in the same transaction as the fills it covers.
 -- Every fill with trade_time < synced_through has been read, except while walk_end is set:
 -- then an interrupted walk still owes [synced_through, walk_end] and, when it completes,
 -- moves synced_through to walk_target. last_end: every fill up to it has been read once (one
 -- stored later at or before it was late). reconciled_at: the last re-read of the reconcile
--- window. Where the next walk starts is the cursor rule (README, "How it stays exact").
+-- window. Where the next walk starts is the cursor rule (docs/exactness.md).
 CREATE TABLE IF NOT EXISTS sync_cursor (
     user_id        text        NOT NULL,
     symbol         text        NOT NULL,
@@ -3856,7 +3905,13 @@ def create_database(db: DatabaseConfig, create: bool) -> None:
             create_utf8_database(admin, db.dbname)
         finally:
             admin.close()
-        log.info("created database %s on %s:%s", db.dbname, db.host, db.port)
+        log.warning(  # a WARNING, seen under -q: a mistyped dbname would otherwise go unseen
+            "created database %s on %s:%s (it did not exist; if that is a typo in "
+            "database.dbname, drop it)",
+            db.dbname,
+            db.host,
+            db.port,
+        )
     except (psycopg2.errors.DuplicateDatabase, psycopg2.errors.UniqueViolation):
         pass  # another weex_sync is creating it (pg_database's unique index says so)
     except psycopg2.Error as exc:
@@ -3919,6 +3974,9 @@ def open_for_reading(db: DatabaseConfig) -> Conn:
     except psycopg2.Error as exc:
         conn.close()
         raise StorageError(describe_db_error(exc)) from None
+    if version > SCHEMA_VERSION:
+        conn.close()
+        raise newer_schema(version)
     if version < SCHEMA_VERSION:
         conn.close()
         if version == 0:
@@ -3933,13 +3991,25 @@ def open_for_reading(db: DatabaseConfig) -> Conn:
     return conn
 
 
+def newer_schema(version: int) -> StorageError:
+    """A database a newer weex_sync upgraded: this one neither writes to it nor reads it."""
+    return StorageError(
+        f"the database holds weex_sync's schema version {version}, newer than this weex_sync's "
+        f"({__version__}, schema {SCHEMA_VERSION}): nothing was written; run the newer "
+        "weex_sync (CHANGELOG.md says which version made which schema)"
+    )
+
+
 def ensure_schema(conn: Conn, partition_fills: str = "none") -> None:
     """Create or upgrade the schema, unless it is current: then no DDL runs at all (DDL waits
     for the locks of every open transaction on those tables, and everyone then waits for it).
     An upgrade runs in steps that never block a running pass (upgrade_status_table,
     build_new_indexes), under a session lock that other passes wait a while for."""
     try:
-        if schema_version(conn) >= SCHEMA_VERSION:
+        version = schema_version(conn)
+        if version > SCHEMA_VERSION:
+            raise newer_schema(version)
+        if version == SCHEMA_VERSION:
             return
         with held_lock(conn, SCHEMA_LOCK_KEY, SCHEMA_LOCK_PATIENCE) as locked:
             if not locked:
@@ -4407,7 +4477,7 @@ def fills_months_ahead(conn: Conn, partition_fills: str, now: float) -> None:
     if relation_kind(conn, "trade_fills") != "p":
         log.warning(
             "database.partition_fills is monthly, but trade_fills is not partitioned (it was "
-            "created before): no partitions made (README, Tables)"
+            "created before): no partitions made (docs/tables.md)"
         )
         return
     existing = partitions(conn, "trade_fills")
@@ -4627,12 +4697,7 @@ class Store:
         """The pair's cursor and the time of its newest stored fill (what the cursor rule
         reads), in one transaction."""
         with self.transaction() as cur:
-            cur.execute(
-                f"SELECT {', '.join(CURSOR_FIELDS)} FROM sync_cursor"
-                " WHERE user_id = %s AND symbol = %s",
-                (user_id, symbol),
-            )
-            row = cur.fetchone()
+            cursor = self.read_cursor(cur, user_id, symbol)
             cur.execute(
                 "SELECT last_trade_time FROM sync_latest WHERE user_id = %s AND symbol = %s",
                 (user_id, symbol),
@@ -4643,7 +4708,17 @@ class Store:
                 newest = self._newest(cur, user_id, symbol, known[0])
             if newest is None:
                 newest = self._newest(cur, user_id, symbol, MIN_BIGINT)
-        return (Cursor(**dict(zip(CURSOR_FIELDS, row, strict=True))) if row else None), newest
+        return cursor, newest
+
+    @staticmethod
+    def read_cursor(cur: psycopg2.extensions.cursor, user_id: str, symbol: str) -> Cursor | None:
+        """The pair's cursor as committed, in the transaction of ``cur``."""
+        cur.execute(
+            f"SELECT {', '.join(CURSOR_FIELDS)} FROM sync_cursor WHERE user_id = %s AND symbol = %s",
+            (user_id, symbol),
+        )
+        row = cur.fetchone()
+        return Cursor(**dict(zip(CURSOR_FIELDS, row, strict=True))) if row else None
 
     @staticmethod
     def _newest(
@@ -4659,6 +4734,16 @@ class Store:
             params = {"keys": keys, "by": pass_id, "interval": interval, "since": since}
             cur.execute(CLAIM_SQL, params)
             return {row[0] for row in cur.fetchall()}
+
+    def claim_holders(self, keys: list[str]) -> dict[str, tuple[dt.datetime, str]]:
+        """Who claimed these keys, and when."""
+        with self.transaction() as cur:
+            cur.execute(
+                "SELECT claim_key, claimed_at, claimed_by FROM sync_claims"
+                " WHERE claim_key = ANY(%s)",
+                (keys,),
+            )
+            return {key: (at, by) for key, at, by in cur.fetchall()}
 
     def release(self, keys: list[str], pass_id: str) -> None:
         with self.transaction() as cur:
@@ -4852,7 +4937,7 @@ class Outcome:
     cause: SyncError | None = field(default=None, repr=False)
     first_rejection: str | None = None
     newest: int | None = None  # the newest stored fill of the pair, once read
-    unstored: int = 0  # fills received in the last batch, rolled back with its status row
+    unstored: int = 0  # new fills of the last batch, rolled back with its status row
 
     @property
     def name(self) -> str:
@@ -4897,17 +4982,19 @@ class Outcome:
         )
         return judged
 
-    def lost(self, cause: SyncError, unstored: int) -> Outcome:
-        """This outcome, failed by ``cause``, whose last batch of ``unstored`` fills could not
-        be written (a copy)."""
-        failed = replace(self, fetched=self.fetched + unstored, unstored=self.unstored + unstored)
+    def lost(self, cause: SyncError) -> Outcome:
+        """This outcome, failed by ``cause``: its last batch could not be written (not counted,
+        as no batch is that did not commit) (a copy)."""
+        failed = replace(self)
         failed.fail(cause)
         return failed
 
-    def unrecorded(self, reason: str, unstored: int) -> Outcome:
-        """This outcome, whose status row (and last batch of ``unstored`` fills) could not be
-        written: an error, never an ok (a copy)."""
-        failed = replace(self, fetched=self.fetched + unstored, unstored=self.unstored + unstored)
+    def unrecorded(self, reason: str, saved: Saved | None = None, size: int = 0) -> Outcome:
+        """This outcome, whose status row (and the last batch of ``size`` fills it carried,
+        ``saved``) could not be written: an error, never an ok (a copy). The batch's fills that
+        were new count as unstored; those stored before stay present."""
+        lost = saved.inserted + len(saved.quarantined) if saved else 0
+        failed = replace(self, fetched=self.fetched + size, unstored=self.unstored + lost)
         if self.status == PairStatus.ERROR:
             log.error("%s: cannot record sync_status: %s", self.name, reason)
         else:
@@ -4934,8 +5021,7 @@ class Outcome:
             self.first_rejection = rejected[0].reason
 
     def status_row(self, pass_id: str, cursor: Cursor | None, lookback_ms: int) -> StatusRow:
-        """Its sync_status row; ``cursor``: the pair's as committed (None: not read this pass,
-        the pair's latest synced_through stands)."""
+        """Its sync_status row; ``cursor``: the pair's as committed (None: it has none)."""
         success = self.status == PairStatus.SUCCESS
         interrupted = self.status == PairStatus.INTERRUPTED
         kind = self.cause.kind if self.cause else "internal"
@@ -5187,8 +5273,7 @@ def finish(
     pass reads it again. ``cursor``: the pair's cursor as committed before, if read."""
     if outcome.error:
         outcome.error = printable(ctx.redact(outcome.error), ERROR_LIMIT)
-    unstored = last.batch.size if last is not None else 0
-    batch_written = last is None
+    saved: Saved | None = None
     try:
         if ctx.options.dry_run or not outcome.recorded:
             done = outcome.judged()
@@ -5197,8 +5282,10 @@ def finish(
                 done = outcome
                 if last is not None:
                     saved = store.write_batch(cur, outcome.user_id, outcome.symbol, last)
-                    done, batch_written = outcome.counted(saved, unstored), True
+                    done = outcome.counted(saved, last.batch.size)
                     cursor = last.cursor or cursor
+                if cursor is None:  # not read this pass (it failed before): as committed
+                    cursor = store.read_cursor(cur, outcome.user_id, outcome.symbol)
                 done = done.judged()
                 lookback_ms = ctx.cfg.sync.lookback_seconds * SECOND_MS
                 store.record_status(cur, done.status_row(ctx.pass_id, cursor, lookback_ms))
@@ -5206,9 +5293,10 @@ def finish(
         if not isinstance(exc, SyncError):  # logged with its traceback; the pass goes on
             log.exception("%s: cannot store its last batch or sync_status", outcome.name)
         error = exc if isinstance(exc, SyncError) else internal_error(exc)
-        if not batch_written:
-            return finish(ctx, store, outcome.lost(error, unstored), None, cursor)
-        done = outcome.unrecorded(str(error), unstored)
+        if last is not None and saved is None:  # the batch failed: the status row alone
+            return finish(ctx, store, outcome.lost(error), None, cursor)
+        reason = printable(ctx.redact(str(error)), ERROR_LIMIT)
+        done = outcome.unrecorded(reason, saved, last.batch.size if last is not None else 0)
     done.log(ctx.options.dry_run)
     return done
 
@@ -5344,6 +5432,7 @@ class Claims:
         self.keys = list(dict.fromkeys(claim_key(u) for u in users))
         self.position = {key: i for i, key in enumerate(self.keys)}
         self.held: dict[str, bool] = {}
+        self.others: dict[str, tuple[dt.datetime, str]] = {}  # key -> (claimed_at, pass id)
         self._lock = threading.Lock()
 
     def holds(self, user: UserConfig, store: Store) -> bool:
@@ -5356,7 +5445,13 @@ class Claims:
                     chunk, self.ctx.pass_id, self.ctx.options.min_interval, self.started
                 )
                 self.held.update((k, k in got) for k in chunk)
+                if len(got) < len(chunk):  # who holds the others, for the pass's summary
+                    self.others.update(store.claim_holders([k for k in chunk if k not in got]))
             return self.held[key]
+
+    def latest_other(self) -> tuple[dt.datetime, str] | None:
+        """The most recent claim of another pass this pass found: (when, which pass)."""
+        return max(self.others.values(), default=None)
 
     def release(self, users: Iterable[UserConfig], store: Store) -> None:
         keys = [claim_key(u) for u in users if self.held.get(claim_key(u))]
@@ -5388,7 +5483,11 @@ CLOCK_WARN_MS = 60_000  # an exchange clock this far from this machine's is wort
 
 
 def log_pass_summary(
-    ctx: PassContext, outcomes: list[Outcome], seconds: float, refusals: int
+    ctx: PassContext,
+    outcomes: list[Outcome],
+    seconds: float,
+    refusals: int,
+    fresh_by: tuple[dt.datetime, str] | None = None,
 ) -> None:
     offset = ctx.clock.offset_ms
     if abs(offset) >= CLOCK_WARN_MS:
@@ -5409,9 +5508,14 @@ def log_pass_summary(
     }
     left = f"; {counts['left']} left for the next pass (time limit)" if counts["left"] else ""
     if counts["fresh"]:
+        latest = ""
+        if fresh_by is not None:
+            at, by = fresh_by
+            latest = f", the latest by pass {by} at {at.astimezone(dt.UTC):%H:%M:%S} UTC"
         left += (
-            f"; {counts['fresh']} fresh (another pass claimed them within the last "
-            f"{ctx.options.min_interval} s)"
+            f"; {counts['fresh']} fresh (claimed by another pass within the last "
+            f"{ctx.options.min_interval} s{latest}: sync.min_interval_seconds; --min-interval 0 "
+            "syncs them now)"
         )
     log.log(
         logging.ERROR if counts["error"] else logging.INFO,
@@ -5487,7 +5591,8 @@ class SyncPass:
                 worker.close()
         self.ctx.limiter.flush()
         self.refusals = self.ctx.limiter.take_refusals()
-        log_pass_summary(self.ctx, outcomes, time.monotonic() - started, self.refusals)
+        fresh_by = self.claims.latest_other() if self.claims is not None else None
+        log_pass_summary(self.ctx, outcomes, time.monotonic() - started, self.refusals, fresh_by)
         return outcomes
 
     def _run_pool(self, users: list[UserConfig]) -> list[Outcome]:
@@ -5710,6 +5815,22 @@ def health(row: dict, max_age: int) -> str | None:
     )
 
 
+def unmet_max_age(cfg: Config, max_age: int) -> str | None:
+    """What to change when --max-age cannot be met even by passes that all succeed: a pair is
+    synced through its last walk's end minus sync.lookback_seconds (fills that late may still
+    show up), and the last walk ended up to sync.interval_seconds ago."""
+    sync = cfg.sync
+    least = sync.lookback_seconds + sync.interval_seconds
+    if max_age >= least:
+        return None
+    return (
+        f"NOTE: --max-age {max_age} s cannot be met: a pair is synced through its last walk's "
+        f"end minus sync.lookback_seconds ({sync.lookback_seconds} s), and passes come every "
+        f"sync.interval_seconds ({sync.interval_seconds} s); choose at least {least} s plus "
+        f"a pass's duration (e.g. --max-age {least * 2}s)"
+    )
+
+
 def print_status(cfg: Config, users: list[UserConfig], as_json: bool, max_age: int | None) -> int:
     conn = open_for_reading(cfg.database)
     try:
@@ -5734,6 +5855,9 @@ def print_status(cfg: Config, users: list[UserConfig], as_json: bool, max_age: i
             print(problem)
         if not problems:
             print(f"OK: all {plural(len(rows), 'pair')} synced through less than {max_age} s ago")
+        unmet = unmet_max_age(cfg, max_age)
+        if unmet:
+            print(unmet)
     else:
         print(_status_table(rows))
         if rate["refusals"]:
@@ -5874,15 +5998,60 @@ class CheckRun:
 HOST_ERRORS = frozenset({"exchange", "unreachable", "rate_limit"})  # not this user's doing
 
 
+# What the next pass's upgrade does from each schema version (docs/upgrading.md in full).
+UPGRADES = {
+    3: "partitions sync_status by day (no row copied), builds three trade_fills indexes "
+    "concurrently (minutes on a large table), adds sync_latest and sync_claims",
+    4: "adds the table sync_backoff",
+    5: "adds the partition sync_status_default (the tables' owner only)",
+}
+
+
+def check_database(cfg: Config, users: list[UserConfig]) -> list[dict]:
+    """--check's database line, changing nothing (no database created, no schema upgraded):
+    what the next pass would find and do. The pairs' latest status, when the schema is
+    current; StorageError (exit 3) for what would fail every pass."""
+    db = cfg.database
+    where = f"{db.host}:{db.port}/{db.dbname}"
+    try:
+        conn = open_database(db, create=False)
+    except StorageError as exc:
+        if database_exists(db) is not False:
+            raise StorageError(f"database unreachable ({where}): {exc}") from None
+        print(f"database: missing ({where} does not exist: the next pass creates it)")
+        return []
+    try:
+        require_utf8(conn)
+        require_privileges(conn)
+        version = schema_version(conn)
+        if version > SCHEMA_VERSION:
+            raise newer_schema(version)
+        if version == SCHEMA_VERSION:
+            print(f"database: ok ({where})")
+            return pair_status(conn, cfg, users)
+        if version == 0:
+            print(f"database: ok ({where}; no weex_sync tables yet: the next pass creates them)")
+        else:
+            steps = "; ".join(
+                UPGRADES.get(v, "see docs/upgrading.md") for v in range(version, SCHEMA_VERSION)
+            )
+            print(
+                f"database: ok ({where}; schema version {version}: the next pass upgrades it "
+                f"to {SCHEMA_VERSION}: {steps})"
+            )
+        return []
+    except psycopg2.Error as exc:
+        raise StorageError(f"database {where}: {describe_db_error(exc)}") from None
+    except StorageError as exc:
+        raise StorageError(f"database {where}: {exc}") from None
+    finally:
+        conn.close()
+
+
 def run_check(cfg: Config, users: list[UserConfig], redact: Redactor) -> int:
     """Config, database, and every configured symbol of every user (users in parallel): a
     table, the problems in full below it."""
-    conn = prepare_database(cfg)
-    try:
-        print(f"database: ok ({cfg.database.host}:{cfg.database.port}/{cfg.database.dbname})")
-        latest = {(r["user_id"], r["symbol"]): r for r in pair_status(conn, cfg, users)}
-    finally:
-        conn.close()
+    latest = {(r["user_id"], r["symbol"]): r for r in check_database(cfg, users)}
     stop, busy = Stop(), threading.Event()
     handlers = install_stop_handlers(stop, busy)
     run = CheckRun(cfg, stop)
@@ -6401,6 +6570,27 @@ def _narrow_to_symbols(
     return narrowed
 
 
+# Secrets are kept out of messages where they could enter: the exchange's answers are scrubbed
+# of the user's secrets (whatever their length) before they become a message, weex_sync never
+# puts a secret in one, and the database password goes to libpq as a keyword only (PostgreSQL
+# never echoes it). Scrubbing whole log lines of the users' secrets only backs that up, for
+# those long enough: "2" or "weex" would garble every timestamp or the program's own name.
+SCRUB_MIN_LENGTH = 8
+
+
+def warn_of_short_secrets(cfg: Config) -> None:
+    """One WARNING per user secret too short to scrub from log lines (naming it, not its
+    value): it is scrubbed from the exchange's answers only."""
+    for name, value in cfg.named_secrets().items():
+        if name != "database.password" and len(value) < SCRUB_MIN_LENGTH:
+            log.warning(
+                "%s is shorter than %d characters: it is scrubbed from the exchange's answers, "
+                "not from whole log lines (it would garble them); a longer one is safer",
+                name,
+                SCRUB_MIN_LENGTH,
+            )
+
+
 def warn_if_plain_http(base_url: str) -> None:
     host = urlsplit(base_url).hostname or ""
     if (
@@ -6501,9 +6691,10 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         for problem in getattr(exc, "problems", [str(exc)]):
             log.error("configuration error: %s", problem, extra={"event": "config_error"})
         return EXIT_CONFIG
-    redact = Redactor(cfg.secrets())
+    redact = Redactor(cfg.secrets(database=False), min_length=SCRUB_MIN_LENGTH)
     setup_logging(args.log_level, redact, args.log_format, args.quiet)
     warn_if_plain_http(cfg.weex.base_url)
+    warn_of_short_secrets(cfg)
     with taking_source_address(cfg.weex) as weex:
         cfg = replace(cfg, weex=weex)
         return run_command(args, cfg, users, options, max_age, loop_seconds, redact)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg2
 import yaml
@@ -24,6 +25,7 @@ from pg_fallback import ensure_postgres
 from weex_sim import Simulator
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: README.md, weex_sync.py
+DEV = ROOT / "dev"
 SYMBOLS = ["cmt_btcusdt", "cmt_ethusdt"]
 DAY_MS = 86_400_000
 
@@ -149,6 +151,12 @@ def main() -> None:
     print(
         f"\nThe demo database {dbname} is left for you to explore (psql {where}); the next"
         f" make demo recreates it. Drop it with: dropdb {where}"
+    )
+    port = urlsplit(base_url).port
+    print(
+        "The simulator stopped with the demo. To paste the commands above, start one on the"
+        " same port with the same accounts first (in another terminal; its fills differ):"
+        f"\n  {shown(sys.executable)} {shown(DEV / 'weex_sim.py')} --port {port}"
     )
 
 

@@ -394,7 +394,7 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 class Harness:
     """The one way tests run weex_sync: writes a config for an exchange (the simulator, or
-    test_hostile's hostile one: anything with a ``base_url``) and the test database, and runs
+    test_hostile_exchange's hostile one: anything with a ``base_url``) and the test database, and runs
     weex_sync in this process (``run``) or as its own (``popen``)."""
 
     def __init__(
@@ -407,7 +407,7 @@ class Harness:
         self.db_name = db_name
         self.capsys = capsys
         self.accounts: list[Account] = []
-        # min_interval_seconds 0: a test's passes follow one another at once (claims: test_scale)
+        # min_interval_seconds 0: a test's passes follow one another at once (claims: test_scale_out)
         self.sync: dict = {
             "start_time": START_MS - DAY_MS,
             "workers": 4,

@@ -281,7 +281,7 @@ REJECTED = {
 }
 
 
-@v2_only  # the objects below are v2 fills; test_hostile.py covers v3
+@v2_only  # the objects below are v2 fills; test_hostile_exchange.py covers v3
 def test_hostile_fills_are_stored_correctly_or_rejected_with_a_clear_error(
     harness: Harness, db: Database, sim
 ):
@@ -491,7 +491,7 @@ PASS_ONLY = [["--max-seconds", "5"], ["--dry-run"], ["--min-interval", "0"]]
 )
 @given(data=st.data())
 def test_documented_command_lines_are_never_usage_errors(data, harness: Harness, capsys):
-    """Every combination the README documents parses and runs (2.0's `--loop` without N was
+    """Every combination docs/command-line.md documents parses and runs (2.0's `--loop` without N was
     a usage error, which the fuzzing above counts as a fine outcome)."""
     mode = data.draw(st.sampled_from(MODES))
     extras = COMMON + (PASS_ONLY if mode in ([], ["--once"], ["--loop"], ["--loop", "5"]) else [])

@@ -82,6 +82,138 @@ def test_demo_runs_when_db_port_points_where_nothing_answers(tmp_path):
     assert after == before
 
 
+def test_the_demos_printed_commands_work_when_pasted(tmp_path, pg: dict, scratch_db_names):
+    """3.1's demo stopped its simulator, so its "pasteable" --once waited 13 s and failed, and
+    --status then showed every pair as error. It now says how to start the simulator again on
+    the same port with the same accounts; each printed command then works as pasted."""
+    dbname = f"weex_demo_test_{os.getpid()}"
+    scratch_db_names.append(dbname)
+    env = {**os.environ, "DEMO_DIR": str(tmp_path / "demo"), "DB_NAME": dbname}
+    env.update(DB_HOST=pg["host"], DB_PORT=str(pg["port"]), DB_USER=pg["user"])
+    demo = subprocess.run(
+        [sys.executable, str(DEV / "demo.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+    )
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    commands = [line[2:] for line in demo.stdout.splitlines() if line.startswith("$ ")]
+    [restart] = re.findall(r"^  (\S+ \S*weex_sim\.py --port \d+)$", demo.stdout, re.MULTILINE)
+
+    sim = subprocess.Popen(
+        restart.split(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        port = int(restart.rsplit(" ", 1)[1])
+        wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, timeout=20)
+        clean = {k: v for k, v in os.environ.items() if not re.match(r"(DB_|POSTGRES_|WEEX_)", k)}
+        for command in commands:
+            pasted = subprocess.run(
+                command,
+                shell=True,
+                cwd=ROOT,
+                env=clean,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert pasted.returncode == 0, (command, pasted.stdout, pasted.stderr)
+            if "--status" in command:  # every pair's latest pass: the pasted --once, a success
+                rows = pasted.stdout.strip().splitlines()[1:]
+                assert rows and all(row.split()[2] == "success" for row in rows), pasted.stdout
+    finally:
+        sim.terminate()
+        sim.wait(timeout=10)
+
+
+def test_the_examples_as_shipped_name_only_their_placeholders(tmp_path, capsys):
+    """3.1's weex_sync.env.example showed a passphrase with spaces that validation refused. As
+    shipped, the examples earn one line naming a placeholder to fill in; with every placeholder
+    filled in (mechanically), they validate."""
+    config, env = ROOT / "config.yaml.example", DEPLOY / "weex_sync.env.example"
+    assert weex_sync.main(["--status", "-c", str(config), "--env-file", str(env)], environ={}) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith("still the example's placeholder: fill in the real value"), line
+
+    filled = tmp_path / "weex_sync.env"
+    filled.write_text(env.read_text().replace("fill-in-", "filled-"))
+    environ = weex_sync.read_env_file(str(filled))
+    assert environ and not any(v.startswith(weex_sync.PLACEHOLDER) for v in environ.values())
+    loaded = weex_sync.load_config(str(config), environ)
+    assert [u.user_id for u in loaded.sync.users] == ["user1", "user2"]
+    assert loaded.database.password == "filled-the-database-password"
+
+
+def test_the_install_steps_work_as_pasted_in_a_throwaway_home(
+    harness: Harness, db: Database, sim, tmp_path
+):
+    """The README's install block, line by line, in a fresh directory standing for /opt/weex_sync
+    (3.1's steps cloned into the home useradd had just filled, and copying "the five files"
+    flat broke the next `cp deploy/...`). Root's lines (sudo) and crontab -e are what this test
+    cannot run; pip is the test's own venv; the user's edits of config.yaml and weex_sync.env
+    are made as a user would."""
+    account = make_account(sim, 1, [BTC, ETH])
+    for symbol in (BTC, ETH):
+        sim.generate_fills(account.api_key, symbol, 30, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+    harness.accounts = [account]
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## Install on a server.*?```bash\n(.*?)```", readme, re.DOTALL)[1]
+    lines = [line.split("  #")[0].strip() for line in block.splitlines()]
+    assert lines[0].startswith("sudo git clone") and lines[0].endswith("/opt/weex_sync")
+    home = tmp_path / "opt" / "weex_sync"
+    shutil.copytree(ROOT, home, ignore=shutil.ignore_patterns(".venv", ".git", ".demo", "*.pyc"))
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(home)}
+
+    def sh(line: str) -> subprocess.CompletedProcess:
+        line = line.replace(
+            "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt",
+            f"ln -s {Path(sys.executable).parent.parent} .venv",
+        )
+        return subprocess.run(
+            ["/bin/bash", "-c", line],
+            cwd=home,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    for line in lines:
+        if line.startswith(("sudo ", "crontab ")):
+            continue
+        if "weex_sync.py" in line:  # the user has edited config.yaml and weex_sync.env by now
+            config = yaml.safe_load((home / "config.yaml").read_text())
+            config["database"] = {
+                "host": harness.pg["host"],
+                "port": harness.pg["port"],
+                "user": harness.pg["user"],
+                "password": "${DB_PASSWORD}",
+                "dbname": harness.db_name,
+            }
+            config["weex"]["base_url"] = sim.base_url
+            config["sync"]["users"] = config["sync"]["users"][:1]
+            config["sync"]["start_time"] = START_MS - DAY_MS
+            (home / "config.yaml").write_text(yaml.safe_dump(config))
+            secrets = (home / "weex_sync.env").read_text()
+            for name, value in (
+                ("DB_PASSWORD", "'-'"),
+                ("USER1_API_KEY", account.api_key),
+                ("USER1_SECRET_KEY", account.secret_key),
+                ("USER1_PASSPHRASE", account.passphrase),
+            ):
+                secrets = re.sub(f"^{name}=.*$", f"{name}={value}", secrets, flags=re.MULTILINE)
+            (home / "weex_sync.env").write_text(secrets)
+        done = sh(line)
+        assert done.returncode == 0, (line, done.stdout, done.stderr)
+    assert stored_fills(db, account.user_id) == harness.expected(account)
+    assert (home / "log").is_dir() and oct((home / "weex_sync.env").stat().st_mode)[-3:] == "600"
+
+
 def test_the_crontab_line_works_with_the_env_file_as_shipped(harness: Harness, db: Database, sim):
     """config.yaml.example and weex_sync.env.example, filled in, under the crontab.example line
     (run by bash with cron's bare environment): the pass runs and logs to log/."""

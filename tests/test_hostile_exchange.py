@@ -1,6 +1,7 @@
-"""Issue 9: a hostile exchange. An outside tester attacked weex_sync with a hand-written exchange
-and broke thirteen promises; each test below is one of them, asserting what a user relies on:
-rows in PostgreSQL, sync_status rows, exit codes, log lines and bounded timings.
+"""A hostile exchange: whatever an exchange (or what stands in front of it) answers, weex_sync
+keeps its promises. Each test is one promise an outside tester broke at some point, asserting
+what a user relies on: rows in PostgreSQL, sync_status rows, exit codes, log lines and bounded
+timings.
 
 The exchange here is not weex_sim: it is a bare ThreadingHTTPServer whose answers each test
 programs (any status, bytes and headers; trickled, stalled or dropped bodies; redirects; gzip

@@ -4,17 +4,28 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
+import shutil
+import subprocess
 import time
+from pathlib import Path
 
+import psycopg2
+import pytest
+import yaml
+
+import weex_sync
 from harness import (
     BTC,
     DAY_MS,
     ETH,
+    ROOT,
     START_MS,
     Database,
     Harness,
     all_apis,
     make_account,
+    now_ms,
     stored_fills,
 )
 
@@ -274,3 +285,198 @@ def test_no_enabled_user_is_a_configuration_error(harness: Harness, db: Database
     assert len(errors) == 1 and "sync.users" in errors[0], harness.last_log
     assert sim.requests == []
     assert db.scalar("SELECT count(*) FROM sync_status") == 0
+
+
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (INFO|WARNING|ERROR) weex_sync: ")
+
+
+@pytest.mark.parametrize("password", ["2", "weex", "postgres"])
+def test_a_short_or_common_database_password_garbles_nothing(
+    harness: Harness, db: Database, sim, password
+):
+    """3.2 replaced the database password everywhere in every line: with "2", each timestamp
+    read ***0***6-1***-07; with "weex", the program's name read ***_sync; with "postgres", the
+    role in PostgreSQL's messages read ***. The password cannot enter a message (it goes to
+    libpq as a keyword; PostgreSQL never echoes it), so no line is scrubbed of it."""
+    account = make_account(sim, 1)
+    sim.generate_fills(account.api_key, BTC, 5, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+    harness.accounts = [account]
+    harness.database["password"] = password  # trust authentication ignores it
+
+    assert harness.run() == 0
+    assert harness.run("--check") == 0
+    lines = harness.log.splitlines()
+    assert lines and all(LOG_LINE.match(line) for line in lines), lines
+    assert "user1/cmt_btcusdt: ok" in harness.log
+    assert f"database: ok (127.0.0.1:{harness.pg['port']}/{db.name})" in harness.out
+    harness.database["dbname"] = "postgres_weex_2_missing"
+    assert harness.run("--status") == 3
+    assert 'database "postgres_weex_2_missing" does not exist' in harness.last_log
+    assert "***" not in harness.log + harness.out
+
+
+def test_check_changes_no_schema_and_creates_no_database(
+    harness: Harness, db: Database, sim, pg: dict
+):
+    """3.1's --check upgraded the schema (3 -> 4, indexes built) and created a missing database:
+    a check must not change what it checks. It says what the next pass will do instead."""
+    harness.accounts = [make_account(sim, 1)]
+    assert harness.run() == 0
+    db.rows("DROP TABLE sync_status_default")
+    db.rows("UPDATE weex_sync_schema SET version = %s", (weex_sync.SCHEMA_VERSION - 1,))
+    try:
+        assert harness.run("--check") == 0, harness.out + harness.last_log
+        [line] = [x for x in harness.out.splitlines() if x.startswith("database:")]
+        assert f"schema version {weex_sync.SCHEMA_VERSION - 1}: the next pass upgrades it" in line
+        assert "sync_status_default" in line
+        assert (
+            db.scalar("SELECT max(version) FROM weex_sync_schema") == weex_sync.SCHEMA_VERSION - 1
+        )
+        assert db.scalar("SELECT to_regclass('sync_status_default')") is None
+    finally:
+        assert harness.run() == 0  # the pass upgrades it back
+
+    missing = f"weex_sync_check_missing_{time.time_ns()}"
+    harness.database["dbname"] = missing
+    assert harness.run("--check") == 0, harness.out + harness.last_log
+    assert f"database: missing (127.0.0.1:{pg['port']}/{missing} does not exist" in harness.out
+    admin = psycopg2.connect(dbname="postgres", **pg)
+    with admin.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_database WHERE datname = %s", (missing,))
+        assert cur.fetchone()[0] == 0
+    admin.close()
+
+
+def test_a_max_age_no_pass_can_meet_says_what_to_choose(harness: Harness, db: Database, sim):
+    """3.1: --max-age 2m was STALE 4 s after a successful pass, without a word of why."""
+    harness.accounts = [make_account(sim, 1)]
+    assert harness.run() == 0
+
+    assert harness.run("--status", "--max-age", "2m") == 1
+    note = harness.out.strip().splitlines()[-1]
+    assert note.startswith("NOTE: --max-age 120 s cannot be met"), harness.out
+    assert "sync.lookback_seconds (120 s)" in note and "choose at least 180 s" in note
+    assert harness.run("--status", "--max-age", "6m") == 0
+    assert "NOTE" not in harness.out
+
+
+def test_a_manual_pass_right_after_one_says_how_to_sync_now(harness: Harness, db: Database, sim):
+    """3.1: "0 ok ... 1 fresh (another pass claimed them within the last 50 s)", no hint."""
+    account = make_account(sim, 1)
+    harness.accounts = [account]
+    harness.sync["min_interval_seconds"] = 50
+    assert harness.run() == 0
+    first = re.search(r"pass (\w+) started", harness.last_log)[1]
+    sim.generate_fills(account.api_key, BTC, 3, start_ms=now_ms() - 30_000, end_ms=now_ms())
+
+    assert harness.run() == 0
+    summary = harness.last_log.strip().splitlines()[-1]
+    assert "1 fresh (claimed by another pass within the last 50 s" in summary, summary
+    assert re.search(f"the latest by pass {first} at \\d\\d:\\d\\d:\\d\\d UTC", summary), summary
+    assert "--min-interval 0 syncs them now" in summary
+    assert harness.run("--min-interval", "0") == 0
+    assert "1 ok" in harness.last_log
+    assert stored_fills(db) == harness.expected(account, BTC)
+
+
+# --- alerting rules (deploy/prometheus/weex_sync.rules.yml), checked by Prometheus's own promtool ----------
+
+
+def promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    binary = shutil.which("promtool")
+    if binary is None:
+        pytest.fail("no promtool for the tests: apt-get install prometheus (.ci/run does)")
+    return subprocess.run(
+        [binary, *args], input=stdin, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def samples(path: Path) -> dict[str, list[tuple[str, float]]]:
+    """The metrics file's samples: name -> [(labels as PromQL's {…}, value)]."""
+    found: dict[str, list[tuple[str, float]]] = {}
+    for line in path.read_text().splitlines():
+        if line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            name, _, labels = series.partition("{")
+            found.setdefault(name, []).append(("{" + labels if labels else "", float(value)))
+    return found
+
+
+def test_the_shipped_alerts_are_valid_and_fire_on_what_weex_sync_writes(
+    harness: Harness, db: Database, sim, tmp_path
+):
+    """The README's alert was prose: now deploy/prometheus/weex_sync.rules.yml, which promtool accepts, on
+    a metrics file promtool accepts; its alerts fire on the series of a pass whose pair failed
+    and of one that could not reach the database, and stay quiet on a good pass's."""
+    rules = ROOT / "deploy" / "prometheus" / "weex_sync.rules.yml"
+    checked = promtool("check", "rules", str(rules))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    good, bad = make_account(sim, 1), make_account(sim, 2)
+    harness.accounts = [good, bad]
+    bad.secret_key = "wrong-secret-key"
+    metrics = tmp_path / "weex_sync.prom"
+    assert harness.run("--metrics-file", str(metrics)) == 1
+    linted = promtool("check", "metrics", stdin=metrics.read_text())
+    assert linted.returncode == 0, linted.stdout + linted.stderr
+    failed = samples(metrics)
+    harness.database["port"] = 1  # the database is down
+    assert harness.run("--metrics-file", str(metrics)) == 3
+    down = samples(metrics)
+
+    def series(found: dict, name: str) -> list[dict]:
+        return [
+            {"series": name + labels, "values": f"{value:g}x30"} for labels, value in found[name]
+        ]
+
+    failing = {"alertname": "WeexSyncPairFailing", "severity": "warning"}
+    unit = {
+        "rule_files": [str(rules)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series(failed, "weex_sync_last_sync_success")
+                + series(down, "weex_sync_database_up"),
+                "alert_rule_test": [
+                    {
+                        "eval_time": "10m",
+                        "alertname": "WeexSyncPairFailing",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    **failing,
+                                    "user": "user2",
+                                    "symbol": BTC,
+                                },
+                                "exp_annotations": {
+                                    "summary": f"weex_sync: the latest passes of user2/{BTC} failed",
+                                    "description": "`weex_sync.py --status` shows the error; "
+                                    "docs/troubleshooting.md says what it means.",
+                                },
+                            }
+                        ],
+                    },
+                    {
+                        "eval_time": "10m",
+                        "alertname": "WeexSyncDatabaseDown",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "critical"},
+                                "exp_annotations": {
+                                    "summary": "weex_sync cannot reach its database",
+                                    "description": "Passes exit 3. The per-pair series are "
+                                    "carried over from the last pass that could read them.",
+                                },
+                            }
+                        ],
+                    },
+                    {"eval_time": "10m", "alertname": "WeexSyncRateLimited", "exp_alerts": []},
+                ],
+            }
+        ],
+    }
+    tests = tmp_path / "weex_sync.rules.test.yml"
+    tests.write_text(yaml.safe_dump(unit))
+    tested = promtool("test", "rules", str(tests))
+    assert tested.returncode == 0, tested.stdout + tested.stderr  # user1's pair: no alert

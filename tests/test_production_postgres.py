@@ -10,7 +10,7 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg2 import sql
-from test_hostile import now_ms
+from test_hostile_exchange import now_ms
 
 import weex_sync
 from harness import (
@@ -183,7 +183,7 @@ def metric_values(path) -> dict[tuple[str, tuple], float]:
 def test_the_metrics_keep_the_pairs_series_when_the_database_is_down(
     harness: Harness, db: Database, sim, tmp_path
 ):
-    """The README's alert (the age of synced_through) must fire exactly when the database is
+    """The documented alert (docs/operations.md: the age of synced_through) must fire exactly when the database is
     down: the last known series stay, database_up says 0, and no temp file is left."""
     harness.fleet(2, fills=20, symbols=(BTC,))
     metrics = tmp_path / "textfile" / "weex_sync.prom"
@@ -224,7 +224,7 @@ def test_four_first_runs_of_a_monthly_table_put_no_fill_in_the_default_partition
 ):
     """Its months are made with the table, under the schema's lock: no pass inserts a fill
     before its month exists (3.1: about half the time this month's fills went to the default
-    partition, and the month could never be attached). Then the README's recipe detaches an
+    partition, and the month could never be attached). Then the documented recipe (docs/tables.md) detaches an
     old month from the table weex_sync made."""
     accounts = [make_account(sim, n, "all") for n in (1, 2, 3, 4)]
     for account in accounts:
@@ -252,7 +252,7 @@ def test_four_first_runs_of_a_monthly_table_put_no_fill_in_the_default_partition
                 "SELECT min(c.relname) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
                 " WHERE i.inhparent = 'trade_fills'::regclass AND c.relname <> 'trade_fills_default'"
             )
-            made.rows("SET lock_timeout = '5s'")  # the README's recipe
+            made.rows("SET lock_timeout = '5s'")  # docs/tables.md's recipe
             made.rows(f"ALTER TABLE trade_fills DETACH PARTITION {old}")
             made.rows(f"DROP TABLE {old}")
         finally:

@@ -263,3 +263,92 @@ def test_the_budget_file_stays_small_whatever_the_hour_of_traffic():
     read, discarded = weex_sync.read_budgets(text, now + 3600, weex_sync.RateLimiter.BUCKET)
     assert discarded == 0 and read.keys() == budgets.keys()
     assert all(sum(w for _, w in b.used) <= 5 * 22 for b in read.values())  # a window
+
+
+# --- rate limiter --------------------------------------------------------------------------
+
+
+class FakeClock:
+    """The limiter's clock, moved only by its waits: a test sees each wait exactly."""
+
+    def __init__(self) -> None:
+        self.t = 1_000_000.0
+        self.waits: list[float] = []
+
+    def now(self) -> float:
+        return self.t
+
+    def wait(self, seconds: float, stop: weex_sync.Stop | None) -> bool:
+        if stop is not None and stop.is_set():
+            return True
+        self.waits.append(seconds)
+        self.t += seconds
+        return False
+
+    def waited(self) -> float:
+        return sum(self.waits)
+
+
+def limiter(tmp_path=None, ip=50, uid=20, clock: FakeClock | None = None) -> weex_sync.RateLimiter:
+    """A limiter of 0.2 s windows, on ``clock`` (a FakeClock of its own if none is given)."""
+    cfg = weex_sync.RateLimitConfig(
+        uid_weight=uid,
+        ip_weight=ip,
+        window_seconds=0.2,
+        shared_file=str(tmp_path / "budget") if tmp_path else "",
+    )
+    return weex_sync.RateLimiter(cfg, "host", margin=0.0, clock=clock or FakeClock())
+
+
+@pytest.mark.unit
+def test_two_keys_of_one_account_share_its_budget():
+    """WEEX counts the UID budget per account, not per API key (sync.users[].account)."""
+    clock = FakeClock()
+    budget = limiter(uid=10, clock=clock)
+    stop = weex_sync.Stop()
+    first = weex_sync.UserConfig("a", "key-a", "s", "p", account="acct-1")
+    second = weex_sync.UserConfig("b", "key-b", "s", "p", account="acct-1")
+    other = weex_sync.UserConfig("c", "key-c", "s", "p")
+    budget.acquire(first.budget_key, 5, stop)
+    budget.acquire(other.budget_key, 5, stop)
+    budget.acquire(second.budget_key, 5, stop)
+    assert clock.waited() < 0.1  # 10 of 10 for acct-1: paced only
+    budget.acquire(second.budget_key, 5, stop)
+    assert clock.waited() >= 0.2 - 1e-6  # the account's window had to roll
+
+
+@pytest.mark.unit
+def test_the_limiter_admits_the_budget_then_waits_for_the_window():
+    clock = FakeClock()
+    budget = limiter(uid=20, clock=clock)
+    stop = weex_sync.Stop()
+    for _ in range(4):
+        budget.acquire("key", 5, stop)
+    paced = clock.waited()
+    assert 0 < paced < 0.15  # 20 of 20: paced (at most 5x the window's rate), no window wait
+    assert all(w <= 0.2 / 4 / 5 * 1.5 for w in clock.waits)  # small steps: the pace
+    budget.acquire("key", 5, stop)
+    assert clock.waited() >= 0.2 - 1e-6  # the 5th waited for the first request's window to end
+
+
+@pytest.mark.unit
+def test_the_ip_budget_is_shared_by_limiters_of_one_file(tmp_path):
+    clock = FakeClock()
+    first = limiter(tmp_path, ip=20, uid=100, clock=clock)
+    second = limiter(tmp_path, ip=20, uid=100, clock=clock)
+    stop = weex_sync.Stop()
+    for n in range(4):
+        (first if n % 2 else second).acquire(f"key{n}", 5, stop)
+    assert clock.waited() < 0.15  # paced, no window wait
+    second.acquire("other", 5, stop)  # the file knows the first limiter's requests
+    assert clock.waited() >= 0.2 - 1e-6
+
+
+@pytest.mark.unit
+def test_a_stop_interrupts_a_limiter_wait():
+    budget = limiter(uid=5)
+    stop = weex_sync.Stop()
+    budget.acquire("key", 5, stop)
+    stop.set()
+    with pytest.raises(weex_sync.Interrupted):
+        budget.acquire("key", 5, stop)

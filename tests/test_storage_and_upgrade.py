@@ -6,6 +6,7 @@ changes the tables' shape."""
 from __future__ import annotations
 
 import datetime as dt
+import os
 import threading
 import time
 from pathlib import Path
@@ -346,5 +347,96 @@ def test_a_status_row_that_cannot_be_written_fails_its_pair_and_stores_nothing_o
     assert own_db.scalar("SELECT count(*) FROM sync_cursor WHERE user_id = 'user1'") == 0
     assert stored_fills(own_db, "user2") == harness.expected(two, BTC)
     own_db.rows("ALTER TABLE sync_latest DROP CONSTRAINT no_user1")
+    assert harness.run("--once") == 0
+    assert stored_fills(own_db, "user1") == harness.expected(one, BTC)
+
+
+def test_the_status_tables_columns_are_the_status_rows_fields(db: Database):
+    """sync_status and sync_latest are made from StatusRow: one field, one column in each."""
+
+    def columns(table: str) -> set[str]:
+        return {
+            row[0]
+            for row in db.rows(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = %s"
+                " AND table_schema = 'public'",
+                (table,),
+            )
+        }
+
+    fields = set(weex_sync.STATUS_FIELDS)
+    assert columns("sync_status") == fields | {"id", "last_sync_time"}
+    assert columns("sync_latest") == fields | {"status_id", "last_sync_time", "last_success_time"}
+
+
+def test_a_database_a_newer_weex_sync_upgraded_is_neither_written_nor_read(
+    harness: Harness, own_db: Database, sim
+):
+    """3.1 on a database whose weex_sync_schema said 5 ran its pass and stored fills and status
+    rows (exit 0), which the newer version's --status never showed."""
+    account = make_account(sim, 1)
+    sim.generate_fills(account.api_key, BTC, 10, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+    harness.accounts = [account]
+    assert harness.run() == 0
+    own_db.rows("TRUNCATE trade_fills, sync_status, sync_latest, sync_cursor")
+    own_db.rows("UPDATE weex_sync_schema SET version = %s", (weex_sync.SCHEMA_VERSION + 1,))
+    sim.reset_stats()
+
+    assert harness.run() == 3
+    [line] = [x for x in harness.last_log.splitlines() if "newer than this weex_sync" in x]
+    assert (
+        f"schema version {weex_sync.SCHEMA_VERSION + 1}" in line and "nothing was written" in line
+    )
+    assert harness.run("--status") == 3
+    assert "newer than this weex_sync" in harness.last_log
+    assert own_db.scalar("SELECT count(*) FROM trade_fills") == 0
+    assert own_db.scalar("SELECT count(*) FROM sync_status") == 0
+    assert sim.count() == 0  # not even the exchange was asked
+
+
+def test_a_database_weex_sync_creates_is_a_warning_seen_under_quiet(
+    harness: Harness, sim, pg: dict, scratch_db_names: list[str]
+):
+    """-q hid "created database X": a mistyped dbname under cron silently made a new one."""
+    name = f"weex_sync_typo_{os.getpid()}"
+    scratch_db_names.append(name)
+    harness.accounts = [make_account(sim, 1)]
+    harness.database["dbname"] = name
+
+    assert harness.run("-q") == 0
+
+    [line] = [x for x in harness.last_log.splitlines() if "created database" in x]
+    assert " WARNING " in line and f"{name} on {pg['host']}:{pg['port']}" in line
+    assert "typo in database.dbname" in line
+
+
+def test_a_last_batch_that_cannot_be_written_fails_its_pair_whose_status_row_says_why(
+    harness: Harness, own_db: Database, sim
+):
+    """The walk's last batch and the status row are one transaction: when the batch itself
+    fails (here a constraint rejects user1's fills), the pair fails with that error, its status
+    row is written alone, nothing of the batch is stored, the cursor stays; the next pass
+    stores it all."""
+    one, two = make_account(sim, 1), make_account(sim, 2)
+    harness.accounts = [one, two]
+    for account in (one, two):
+        sim.generate_fills(account.api_key, BTC, 30, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+    assert harness.run("--once") == 0  # the tables exist
+    own_db.rows("TRUNCATE trade_fills, sync_status, sync_latest, sync_cursor")
+    own_db.rows("ALTER TABLE trade_fills ADD CONSTRAINT no_user1 CHECK (user_id <> 'user1')")
+    try:
+        assert harness.run("--once") == 1
+    finally:
+        own_db.rows("ALTER TABLE trade_fills DROP CONSTRAINT no_user1")
+
+    [line] = [x for x in harness.last_log.splitlines() if "user1/cmt_btcusdt: error" in x]
+    assert "no_user1" in line and "fetched=0 inserted=0" in line, line
+    row = own_db.rows(
+        "SELECT status, error_kind, records_count FROM sync_status WHERE user_id = 'user1'"
+    )
+    assert row == [("error", "database", 0)]
+    assert stored_fills(own_db, "user1") == set()
+    assert own_db.scalar("SELECT count(*) FROM sync_cursor WHERE user_id = 'user1'") == 0
+    assert stored_fills(own_db, "user2") == harness.expected(two, BTC)
     assert harness.run("--once") == 0
     assert stored_fills(own_db, "user1") == harness.expected(one, BTC)

@@ -1,8 +1,8 @@
 """Fast unit tests: no database, no HTTP (``pytest -m unit`` runs them in about a second).
 
-Pure pieces of weex_sync: response classification (both API versions), the rate limiter,
-batching and prefetching, and parsing of hostile values. The cursor rule and the walk are in
-test_paging.py.
+Pure pieces of weex_sync: parsing the fills WEEX sends (and hostile values), batching and
+prefetching, the env file. Elsewhere: the cursor rule and the walk (test_paging.py), the error
+codes and their classification (test_client_codes.py), the rate budget (test_rate_budget.py).
 """
 
 from __future__ import annotations
@@ -17,128 +17,10 @@ from pathlib import Path
 import pytest
 
 import weex_sync
-from weex_sync import V2, V3, Cursor
+from weex_sync import V3, Cursor
 
 pytestmark = pytest.mark.unit
 DAY = 86_400_000
-
-
-# --- classification -----------------------------------------------------------------------
-
-
-def body(code, msg="text") -> bytes:
-    return json.dumps({"code": code, "msg": msg}).encode()
-
-
-CLASSIFICATION = [
-    # (api, HTTP status, body, exception, words in its message)
-    (V2, 400, body("40005"), weex_sync._ClockRejected, ""),
-    (V2, 400, body("40008"), weex_sync._ClockRejected, ""),
-    (V2, 401, body("40006"), weex_sync.CredentialsError, "credentials rejected"),
-    (V2, 400, body("40009"), weex_sync.CredentialsError, "credentials rejected"),
-    (V2, 401, body("40011"), weex_sync.CredentialsError, "passphrase"),
-    (V2, 400, body("40012"), weex_sync.CredentialsError, "credentials rejected"),
-    (V2, 400, body("40018"), weex_sync.AccessDenied, "whitelist this IP"),
-    (V2, 521, body("521"), weex_sync._OriginDown, "HTTP 521"),  # retried; see below
-    (V2, 400, body("40001"), weex_sync.CredentialsError, "headers are missing"),
-    (V2, 400, body("40003"), weex_sync.CredentialsError, "headers are missing"),
-    (V2, 400, body("40013"), weex_sync.AccessDenied, "account frozen"),
-    (V2, 403, body("40014"), weex_sync.AccessDenied, "not permitted"),
-    (V2, 200, body("40015"), weex_sync._Busy, "exchange busy"),
-    (V2, 400, body("40034"), weex_sync.SymbolRejected, "check sync.symbols"),
-    (V2, 400, body("40017"), weex_sync.SymbolRejected, "bug in weex_sync"),
-    (V2, 200, body("50001"), weex_sync._Transient, "exchange answered HTTP 200"),
-    (V3, 400, body(-1043), weex_sync._ClockRejected, ""),
-    (V3, 400, body(-1046), weex_sync._ClockRejected, ""),
-    (V3, 401, body(-1041), weex_sync.CredentialsError, "credentials rejected"),
-    (V3, 401, body(-1044), weex_sync.CredentialsError, "credentials rejected"),
-    (V3, 403, body(-1052), weex_sync.AccessDenied, "read permission"),
-    (V3, 403, body(-1190), weex_sync.AccessDenied, "not permitted"),
-    (V3, 403, body(-1056), weex_sync.AccessDenied, "whitelist this IP"),
-    (V3, 400, body(-1121), weex_sync.SymbolRejected, "check sync.symbols"),
-    (V3, 400, body(-3235), weex_sync.SymbolRejected, "check sync.symbols"),
-    (V3, 400, body(-1140), weex_sync.SymbolRejected, "bug in weex_sync"),
-    (V3, 400, body(-1170), weex_sync.SymbolRejected, "bug in weex_sync"),
-    (V3, 500, body(-1054), weex_sync._Transient, "busy"),
-    (V3, 200, body(-1000), weex_sync._Transient, "busy"),
-    (V3, 200, body("anything"), weex_sync._Transient, "exchange answered HTTP 200"),
-    # HTTP status decides when the code is unknown
-    (V3, 429, b"{}", weex_sync._Transient, "HTTP 429"),
-    (V3, 502, b"<html>Bad Gateway</html>", weex_sync._Transient, "HTTP 502"),
-    (V2, 503, b"", weex_sync._Transient, "HTTP 503"),
-    (V3, 401, b"{}", weex_sync.CredentialsError, "credentials rejected"),
-    (V3, 403, b"{}", weex_sync.AccessDenied, "not permitted"),
-    (V3, 400, b"{}", weex_sync.SymbolRejected, "request rejected"),
-    # rate-limit refusals: the limiter slows the address down (docs/weex-api.md, Rate limits)
-    (V3, 418, b"{}", weex_sync._Throttled, "rate limited (HTTP 418)"),
-    (V3, 429, body(-1059), weex_sync._Throttled, "code -1059"),
-    (V3, 429, body(-1003), weex_sync._Throttled, "code -1003"),
-    (V3, 200, body(-1059), weex_sync._Throttled, "HTTP 200, code -1059"),
-    (V3, 200, body(-1003), weex_sync._Throttled, "HTTP 200, code -1003"),
-    (V3, 429, body(-1040), weex_sync._Throttled, "HTTP 429, code -1040"),  # the status first
-    (V2, 200, body("429"), weex_sync._Throttled, "HTTP 200, code 429"),
-    (V2, 429, body("429"), weex_sync._Throttled, "rate limited"),
-    # the form of our request refused: a bug, never retried
-    (V2, 400, body("40007"), weex_sync.ExchangeError, "form of the request"),
-    (V3, 400, body(-1045), weex_sync.ExchangeError, "form of the request"),
-    (V3, 400, body(-1135), weex_sync.ExchangeError, "form of the request"),
-    (V3, 405, body(-1150), weex_sync.ExchangeError, "form of the request"),
-    (V3, 400, body(-1160), weex_sync.ExchangeError, "form of the request"),
-    (V2, 400, body("40016"), weex_sync.AccessDenied, "bind a phone or an authenticator"),
-    (V3, 302, b"", weex_sync.ExchangeError, "not followed"),
-    (V3, 200, b"not json", weex_sync._Transient, "not JSON"),
-    (V3, 200, b"[" * 100_000, weex_sync._Transient, "not JSON"),  # nesting: RecursionError
-]
-
-
-@pytest.mark.parametrize(("api", "status", "content", "error", "words"), CLASSIFICATION)
-def test_responses_are_classified_per_the_table(api, status, content, error, words):
-    with pytest.raises(error) as raised:
-        weex_sync.classify_response(api, status, content, None, str)
-    assert words in str(raised.value)
-    if isinstance(raised.value, weex_sync.SyncError):
-        user_wide = error in (weex_sync.CredentialsError, weex_sync.AccessDenied)
-        assert raised.value.user_wide == user_wide
-
-
-def test_success_answers_pass_through():
-    assert weex_sync.classify_response(V3, 200, b"[]", None, str) == []
-    v2 = {"list": [], "nextFlag": False, "totals": 0}
-    assert weex_sync.classify_response(V2, 200, json.dumps(v2).encode(), None, str) == v2
-    success = {"code": "00000", "list": [], "nextFlag": False}
-    assert weex_sync.classify_response(V2, 200, json.dumps(success).encode(), None, str) == success
-
-
-def test_http_521_mentions_the_ip_whitelist_only_once_the_retries_are_spent():
-    with pytest.raises(weex_sync._OriginDown) as raised:
-        weex_sync.classify_response(V3, 521, b"<html>origin down</html>", None, str)
-    assert "whitelist" not in str(raised.value)
-    final = raised.value.give_up(6)
-    assert "all 6 attempts" in str(final) and "whitelist it" in str(final)
-    assert not isinstance(final, weex_sync.ExchangeUnreachable)  # other users go on
-
-
-def test_retry_after_is_honoured_and_capped():
-    with pytest.raises(weex_sync._Transient) as raised:
-        weex_sync.classify_response(V3, 429, b"", "3600", str)
-    assert raised.value.retry_after == weex_sync.RETRY_AFTER_CAP_SECONDS
-    assert isinstance(raised.value, weex_sync._Throttled)
-    with pytest.raises(weex_sync._Transient) as raised:
-        weex_sync.classify_response(V3, 503, b"", "2", str)
-    assert raised.value.retry_after == 2
-    with pytest.raises(weex_sync._Transient) as raised:
-        weex_sync.classify_response(V3, 503, b"", "Wed, 21 Oct 2015 07:28:00 GMT", str)
-    assert raised.value.retry_after is None  # not a number: our own backoff
-
-
-def test_the_message_is_scrubbed_before_it_is_cut():
-    secret = "PASSPHRASE-0123456789"
-    msg = "x" * 190 + secret + "\nforged line"
-    with pytest.raises(weex_sync.SymbolRejected) as raised:
-        weex_sync.classify_response(V3, 400, body(-1121, msg), None, weex_sync.Redactor([secret]))
-    text = str(raised.value)
-    assert "PASSPH" not in text and "***" in text
-    assert "\n" not in text and "***\\x0a" in text
 
 
 # --- the fills WEEX sends ------------------------------------------------------------------
@@ -239,91 +121,6 @@ def test_a_stop_wakes_a_child_stop_waiting_on_it():
     began = time.monotonic()
     assert child.wait(10) is True
     assert time.monotonic() - began < 1
-
-
-# --- rate limiter --------------------------------------------------------------------------
-
-
-class FakeClock:
-    """The limiter's clock, moved only by its waits: a test sees each wait exactly."""
-
-    def __init__(self) -> None:
-        self.t = 1_000_000.0
-        self.waits: list[float] = []
-
-    def now(self) -> float:
-        return self.t
-
-    def wait(self, seconds: float, stop: weex_sync.Stop | None) -> bool:
-        if stop is not None and stop.is_set():
-            return True
-        self.waits.append(seconds)
-        self.t += seconds
-        return False
-
-    def waited(self) -> float:
-        return sum(self.waits)
-
-
-def limiter(tmp_path=None, ip=50, uid=20, clock: FakeClock | None = None) -> weex_sync.RateLimiter:
-    """A limiter of 0.2 s windows, on ``clock`` (a FakeClock of its own if none is given)."""
-    cfg = weex_sync.RateLimitConfig(
-        uid_weight=uid,
-        ip_weight=ip,
-        window_seconds=0.2,
-        shared_file=str(tmp_path / "budget") if tmp_path else "",
-    )
-    return weex_sync.RateLimiter(cfg, "host", margin=0.0, clock=clock or FakeClock())
-
-
-def test_two_keys_of_one_account_share_its_budget():
-    """WEEX counts the UID budget per account, not per API key (sync.users[].account)."""
-    clock = FakeClock()
-    budget = limiter(uid=10, clock=clock)
-    stop = weex_sync.Stop()
-    first = weex_sync.UserConfig("a", "key-a", "s", "p", account="acct-1")
-    second = weex_sync.UserConfig("b", "key-b", "s", "p", account="acct-1")
-    other = weex_sync.UserConfig("c", "key-c", "s", "p")
-    budget.acquire(first.budget_key, 5, stop)
-    budget.acquire(other.budget_key, 5, stop)
-    budget.acquire(second.budget_key, 5, stop)
-    assert clock.waited() < 0.1  # 10 of 10 for acct-1: paced only
-    budget.acquire(second.budget_key, 5, stop)
-    assert clock.waited() >= 0.2 - 1e-6  # the account's window had to roll
-
-
-def test_the_limiter_admits_the_budget_then_waits_for_the_window():
-    clock = FakeClock()
-    budget = limiter(uid=20, clock=clock)
-    stop = weex_sync.Stop()
-    for _ in range(4):
-        budget.acquire("key", 5, stop)
-    paced = clock.waited()
-    assert 0 < paced < 0.15  # 20 of 20: paced (at most 5x the window's rate), no window wait
-    assert all(w <= 0.2 / 4 / 5 * 1.5 for w in clock.waits)  # small steps: the pace
-    budget.acquire("key", 5, stop)
-    assert clock.waited() >= 0.2 - 1e-6  # the 5th waited for the first request's window to end
-
-
-def test_the_ip_budget_is_shared_by_limiters_of_one_file(tmp_path):
-    clock = FakeClock()
-    first = limiter(tmp_path, ip=20, uid=100, clock=clock)
-    second = limiter(tmp_path, ip=20, uid=100, clock=clock)
-    stop = weex_sync.Stop()
-    for n in range(4):
-        (first if n % 2 else second).acquire(f"key{n}", 5, stop)
-    assert clock.waited() < 0.15  # paced, no window wait
-    second.acquire("other", 5, stop)  # the file knows the first limiter's requests
-    assert clock.waited() >= 0.2 - 1e-6
-
-
-def test_a_stop_interrupts_a_limiter_wait():
-    budget = limiter(uid=5)
-    stop = weex_sync.Stop()
-    budget.acquire("key", 5, stop)
-    stop.set()
-    with pytest.raises(weex_sync.Interrupted):
-        budget.acquire("key", 5, stop)
 
 
 # --- the env file (--env-file) ---------------------------------------------------------------
