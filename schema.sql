@@ -19,6 +19,10 @@ CREATE TABLE IF NOT EXISTS trade_fills (
     synced_at  timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT trade_fills_fill_key UNIQUE (user_id, order_id, trade_id, trade_time)
 );
+ALTER TABLE trade_fills ADD COLUMN IF NOT EXISTS quote_value numeric;
+ALTER TABLE trade_fills ADD COLUMN IF NOT EXISTS realized_pnl numeric;
+ALTER TABLE trade_fills ADD COLUMN IF NOT EXISTS maker boolean;
+ALTER TABLE trade_fills ADD COLUMN IF NOT EXISTS position_side text;
 CREATE INDEX IF NOT EXISTS trade_fills_user_symbol_time
     ON trade_fills (user_id, symbol, trade_time DESC);
 CREATE INDEX IF NOT EXISTS trade_fills_user_time ON trade_fills (user_id, trade_time);
@@ -178,12 +182,33 @@ SELECT user_id, symbol, order_id, trade_id,
        CASE side WHEN '1' THEN 'buy' WHEN '2' THEN 'sell' END AS side,
        price, size, fee, fee_coin,
        to_timestamp(trade_time / 1000.0) AS trade_time,
-       synced_at
+       synced_at, quote_value, realized_pnl, maker, position_side
   FROM trade_fills;
 -- (WHERE trade_time >= now() - interval '1 day' on the view uses trade_fills_time_utc.)
+
+-- Per user, contract, UTC day and fee coin: what the fills of trade_fills add up to. Kept in
+-- the transaction that inserts them, from the rows the INSERT really inserted, so it always
+-- equals the same aggregate over trade_fills (sums of NULLs stay NULL, as sum() does); an
+-- upgrade builds it from the stored fills. weex_sync never deletes fills: a user who deletes
+-- or detaches some deletes their days here too.
+CREATE TABLE IF NOT EXISTS trade_fills_daily (
+    user_id      text    NOT NULL,
+    symbol       text    NOT NULL,
+    day          date    NOT NULL,  -- UTC day of trade_time
+    fee_coin     text    NOT NULL,
+    fills        bigint  NOT NULL,
+    size         numeric NOT NULL,
+    quote_value  numeric,
+    fee          numeric NOT NULL,
+    realized_pnl numeric,
+    maker_fills  bigint  NOT NULL,  -- of fills: maker = true
+    taker_fills  bigint  NOT NULL,  -- of fills: maker = false (v2 does not say: neither)
+    PRIMARY KEY (user_id, symbol, day, fee_coin)
+);
+CREATE INDEX IF NOT EXISTS trade_fills_daily_day ON trade_fills_daily (day);  -- every account's days
 
 -- When this says the current version, weex_sync runs none of the statements above: no pass
 -- ever waits for a lock that an analyst's open transaction holds.
 CREATE TABLE IF NOT EXISTS weex_sync_schema (version integer NOT NULL);
 DELETE FROM weex_sync_schema;
-INSERT INTO weex_sync_schema (version) VALUES (6);
+INSERT INTO weex_sync_schema (version) VALUES (7);

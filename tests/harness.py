@@ -45,6 +45,7 @@ TABLES = (
     "sync_cursor",
     "rejected_fills",
     "sync_claims",
+    "trade_fills_daily",
 )
 ROOT = Path(__file__).resolve().parents[1]  # the repository: weex_sync.py, dev/, deploy/
 DEV = ROOT / "dev"
@@ -558,3 +559,31 @@ settings.register_profile(
     "ci", max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+# trade_fills_daily must equal this aggregate over trade_fills, whatever happened.
+ROLLUP_OF_FILLS = """
+SELECT user_id, symbol, DATE '1970-01-01' + (trade_time / 86400000)::int, fee_coin, count(*),
+       sum(size), sum(quote_value), sum(fee), sum(realized_pnl), count(*) FILTER (WHERE maker),
+       count(*) FILTER (WHERE NOT maker)
+  FROM trade_fills GROUP BY 1, 2, 3, 4
+"""
+ROLLUP_ROWS = """
+SELECT user_id, symbol, day, fee_coin, fills, size, quote_value, fee, realized_pnl, maker_fills,
+       taker_fills
+  FROM trade_fills_daily
+"""
+
+
+def assert_rollup_matches(db: Database) -> None:
+    """trade_fills_daily equals the same aggregate over trade_fills (and has a row per day)."""
+    with db.conn.cursor() as cur:  # one snapshot for both, though autocommit
+        cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        try:
+            cur.execute(ROLLUP_OF_FILLS)
+            aggregate = set(cur.fetchall())
+            cur.execute(ROLLUP_ROWS)
+            rollup = set(cur.fetchall())
+        finally:
+            cur.execute("COMMIT")
+    assert rollup == aggregate, (sorted(rollup - aggregate)[:5], sorted(aggregate - rollup)[:5])

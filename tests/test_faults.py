@@ -27,6 +27,7 @@ from harness import (
     Database,
     Harness,
     all_apis,
+    assert_rollup_matches,
     expected_fills,
     finish,
     make_account,
@@ -70,6 +71,7 @@ def test_kill_9_at_random_moments_of_a_backfill_then_one_clean_pass(
         _, err = finish(process)
         resumed += "resuming an interrupted walk" in err
         wait_for(lambda: weex_sync_backends(db) == 0)  # PostgreSQL noticed the death
+        assert_rollup_matches(db)  # whichever batch was the last committed one
 
     assert len(kills) >= random_kills, kills
     assert resumed >= 1, "no pass resumed an interrupted walk: the kills missed the backfill"
@@ -77,6 +79,7 @@ def test_kill_9_at_random_moments_of_a_backfill_then_one_clean_pass(
     assert code == 0, err
     assert stored_fills(db) == harness.expected(account, BTC)
     assert db.rows("SELECT walk_end FROM sync_cursor") == [(None,)]
+    assert_rollup_matches(db)
 
 
 def test_database_connection_dropped_mid_pass(harness: Harness, db: Database, sim):
@@ -170,6 +173,7 @@ def test_two_passes_started_at_once(harness: Harness, db: Database, sim):
         assert stored_fills(db, account.user_id) == harness.expected(account, BTC, ETH)
     # no fill was inserted twice: the inserted counts of both passes add up to the history
     assert db.scalar("SELECT sum(records_count) FROM sync_status") == 6 * 800
+    assert_rollup_matches(db)
     assert db.scalar("SELECT count(*) FROM sync_status WHERE status = 'error'") == 0
 
 

@@ -14,7 +14,6 @@ import psycopg2
 import pytest
 import yaml
 
-import weex_sync
 from harness import (
     BTC,
     DAY_MS,
@@ -323,15 +322,13 @@ def test_check_changes_no_schema_and_creates_no_database(
     harness.accounts = [make_account(sim, 1)]
     assert harness.run() == 0
     db.rows("DROP TABLE sync_status_default")
-    db.rows("UPDATE weex_sync_schema SET version = %s", (weex_sync.SCHEMA_VERSION - 1,))
+    db.rows("UPDATE weex_sync_schema SET version = 5")  # 3.2's
     try:
         assert harness.run("--check") == 0, harness.out + harness.last_log
         [line] = [x for x in harness.out.splitlines() if x.startswith("database:")]
-        assert f"schema version {weex_sync.SCHEMA_VERSION - 1}: the next pass upgrades it" in line
-        assert "sync_status_default" in line
-        assert (
-            db.scalar("SELECT max(version) FROM weex_sync_schema") == weex_sync.SCHEMA_VERSION - 1
-        )
+        assert "schema version 5: the next pass upgrades it" in line
+        assert "sync_status_default" in line and "trade_fills_daily" in line  # 5 -> 6 -> 7
+        assert db.scalar("SELECT max(version) FROM weex_sync_schema") == 5
         assert db.scalar("SELECT to_regclass('sync_status_default')") is None
     finally:
         assert harness.run() == 0  # the pass upgrades it back
