@@ -44,6 +44,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def run_demo(env: dict[str, str]) -> subprocess.CompletedProcess:
+    """dev/demo.py (make demo) as a user runs it, in this environment."""
+    return subprocess.run(
+        [sys.executable, str(DEV / "demo.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+    )
+
+
 def test_demo_runs_when_db_port_points_where_nothing_answers(tmp_path):
     """DB_PORT=5499 make demo: the demo falls back to a throwaway server, and its weex_sync
     runs do not inherit DB_PORT (which would override the config it wrote)."""
@@ -54,15 +67,7 @@ def test_demo_runs_when_db_port_points_where_nothing_answers(tmp_path):
         else None
     )
     env = {**os.environ, "DB_PORT": str(free_port()), "DEMO_DIR": str(demo_dir)}
-    result = subprocess.run(
-        [sys.executable, str(DEV / "demo.py")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-        cwd=ROOT,
-    )
+    result = run_demo(env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("(exit code 0)") == 4
     assert "Traceback" not in result.stdout + result.stderr
@@ -90,15 +95,7 @@ def test_the_demos_printed_commands_work_when_pasted(tmp_path, pg: dict, scratch
     scratch_db_names.append(dbname)
     env = {**os.environ, "DEMO_DIR": str(tmp_path / "demo"), "DB_NAME": dbname}
     env.update(DB_HOST=pg["host"], DB_PORT=str(pg["port"]), DB_USER=pg["user"])
-    demo = subprocess.run(
-        [sys.executable, str(DEV / "demo.py")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-        cwd=ROOT,
-    )
+    demo = run_demo(env)
     assert demo.returncode == 0, demo.stdout + demo.stderr
     commands = [line[2:] for line in demo.stdout.splitlines() if line.startswith("$ ")]
     [restart] = re.findall(r"^  (\S+ \S*weex_sim\.py --port \d+)$", demo.stdout, re.MULTILINE)

@@ -19,6 +19,7 @@ from harness import (
     BTC,
     DAY_MS,
     START_MS,
+    Account,
     Database,
     Harness,
     create_scratch_database,
@@ -326,15 +327,21 @@ def test_an_idle_pass_commits_once_per_pair(harness: Harness, own_db: Database, 
     assert 20 <= used <= 20 + 20 // 4 + 2, used  # a commit per pair, a claim per 4 users
 
 
+def two_accounts_and_empty_tables(harness: Harness, own_db: Database, sim) -> list[Account]:
+    """user1 and user2 with 30 fills each, configured; the tables made by a pass, then emptied."""
+    accounts = [make_account(sim, 1), make_account(sim, 2)]
+    harness.accounts = accounts
+    for account in accounts:
+        sim.generate_fills(account.api_key, BTC, 30, start_ms=START_MS, end_ms=START_MS + DAY_MS)
+    assert harness.run("--once") == 0
+    own_db.rows("TRUNCATE trade_fills, sync_status, sync_latest, sync_cursor, trade_fills_daily")
+    return accounts
+
+
 def test_a_status_row_that_cannot_be_written_fails_its_pair_and_stores_nothing_of_its_last_batch(
     harness: Harness, own_db: Database, sim
 ):
-    one, two = make_account(sim, 1), make_account(sim, 2)
-    harness.accounts = [one, two]
-    for account in (one, two):
-        sim.generate_fills(account.api_key, BTC, 30, start_ms=START_MS, end_ms=START_MS + DAY_MS)
-    assert harness.run("--once") == 0  # the tables exist
-    own_db.rows("TRUNCATE trade_fills, sync_status, sync_latest, sync_cursor")
+    one, two = two_accounts_and_empty_tables(harness, own_db, sim)
     own_db.rows("ALTER TABLE sync_latest ADD CONSTRAINT no_user1 CHECK (user_id <> 'user1')")
 
     assert harness.run("--once") == 1
@@ -417,12 +424,7 @@ def test_a_last_batch_that_cannot_be_written_fails_its_pair_whose_status_row_say
     fails (here a constraint rejects user1's fills), the pair fails with that error, its status
     row is written alone, nothing of the batch is stored, the cursor stays; the next pass
     stores it all."""
-    one, two = make_account(sim, 1), make_account(sim, 2)
-    harness.accounts = [one, two]
-    for account in (one, two):
-        sim.generate_fills(account.api_key, BTC, 30, start_ms=START_MS, end_ms=START_MS + DAY_MS)
-    assert harness.run("--once") == 0  # the tables exist
-    own_db.rows("TRUNCATE trade_fills, sync_status, sync_latest, sync_cursor")
+    one, two = two_accounts_and_empty_tables(harness, own_db, sim)
     own_db.rows("ALTER TABLE trade_fills ADD CONSTRAINT no_user1 CHECK (user_id <> 'user1')")
     try:
         assert harness.run("--once") == 1
